@@ -1,0 +1,53 @@
+"""How a paged decode launch is cut into CTAs: shared by the CUDA and Triton backends.
+
+One CTA handles (sequence, KV head, head chunk, KV split). A decode step at small batch or long context has
+too few (sequence, KV head) pairs to fill the GPU, so the context is split and the partial results merged by
+a combine step. Only host-known sizes are used (the block table's capacity, never seq_lens, which live on the
+device), so the plan is fixed for a CUDA graph.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+MAX_HEADS_PER_CTA = 16  # the query-head tile of one CTA (the M dimension of the tensor-core tile)
+MIN_TOKENS_PER_SPLIT = 256  # below this the combine traffic and per-CTA start-up stop paying off
+WAVES = 2  # aim for at least this many CTA waves so the tail wave is a small fraction
+
+
+@dataclass(frozen=True)
+class DecodePlan:
+    num_splits: int
+    tokens_per_split: int
+    head_chunks: int
+    heads_per_chunk: int
+
+    @property
+    def needs_combine(self) -> bool:
+        return self.num_splits > 1
+
+
+def plan_decode(
+    *,
+    batch: int,
+    kv_heads: int,
+    group: int,
+    max_context: int,
+    num_sms: int,
+    ctas_per_sm: int,
+    tile_tokens: int,
+    num_splits: int | None = None,
+) -> DecodePlan:
+    """Choose the KV split for a launch. ``num_splits`` forces a split count (tests, tuning)."""
+    head_chunks = math.ceil(group / MAX_HEADS_PER_CTA)
+    heads_per_chunk = math.ceil(group / head_chunks)
+    max_context = max(max_context, 1)
+    if num_splits is None:
+        base = batch * kv_heads * head_chunks
+        slots = num_sms * max(ctas_per_sm, 1)
+        wanted = math.ceil(WAVES * slots / base)
+        num_splits = max(1, min(wanted, max_context // MIN_TOKENS_PER_SPLIT))
+    if num_splits < 1:
+        raise ValueError(f"num_splits must be >= 1; got {num_splits}")
+    tokens = math.ceil(math.ceil(max_context / num_splits) / tile_tokens) * tile_tokens
+    return DecodePlan(math.ceil(max_context / tokens), tokens, head_chunks, heads_per_chunk)

@@ -1,0 +1,6 @@
+"""Public kernel API: one module per op family, all backends behind ``backend=``."""
+from .decode_attention import DecodeShape, check_decode_inputs, decode_attention
+from .dispatch import BACKENDS, has_backend, implementation, register
+
+__all__ = ["BACKENDS", "DecodeShape", "check_decode_inputs", "decode_attention", "has_backend",
+           "implementation", "register"]

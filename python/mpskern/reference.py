@@ -1,0 +1,58 @@
+"""Torch implementations: the ``torch`` backend (SDPA over gathered KV; the vendor baseline) and the
+naive high-precision references the tests compare every backend with."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def gather_paged_kv(cache: torch.Tensor, block_table: torch.Tensor) -> torch.Tensor:
+    """[num_pages, page_size, KVH, D] paged cache -> dense [B, KVH, max_pages * page_size, D]."""
+    b, max_pages = block_table.shape
+    _, page_size, kvh, d = cache.shape
+    dense = cache.index_select(0, block_table.reshape(-1).long())  # [B * max_pages, page_size, KVH, D]
+    return dense.view(b, max_pages * page_size, kvh, d).transpose(1, 2)
+
+
+def sdpa_decode_contiguous(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None,
+                           attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Decode attention over contiguous KV ``[B, KVH, L, D]`` with the GQA group folded into the query length,
+    so SDPA's flash/cuDNN kernels read each KV head once. ``q`` is ``[B, H, D]``; returns ``[B, H, D]``."""
+    b, h, d = q.shape
+    kvh = k.shape[1]
+    qg = q.view(b, kvh, h // kvh, d)
+    return F.scaled_dot_product_attention(qg, k, v, attn_mask=attn_mask, scale=scale).reshape(b, h, d)
+
+
+def decode_attention(q, k_cache, v_cache, block_table, seq_lens, scale, out, num_splits=None):
+    """The ``torch`` backend: gather the pages, mask past each sequence's length, SDPA.
+    Sequences of length 0 give zeros, as in the custom kernels."""
+    del num_splits  # SDPA plans its own launch
+    k = gather_paged_kv(k_cache, block_table)
+    v = gather_paged_kv(v_cache, block_table)
+    positions = torch.arange(k.shape[2], device=q.device)
+    valid = positions[None, :] < seq_lens[:, None]  # [B, L]
+    res = sdpa_decode_contiguous(q, k, v, scale, attn_mask=valid[:, None, None, :])
+    res = torch.where((seq_lens > 0)[:, None, None], res, torch.zeros((), dtype=res.dtype, device=res.device))
+    out.copy_(res)
+    return out
+
+
+def decode_attention_naive(q, k_cache, v_cache, block_table, seq_lens, scale=None, dtype=torch.float64):
+    """Per-sequence loop in high precision, straight from the definition (tests only)."""
+    b, h, d = q.shape
+    page_size, kvh = k_cache.shape[1], k_cache.shape[2]
+    group = h // kvh
+    scale = d ** -0.5 if scale is None else scale
+    out = torch.zeros((b, h, d), dtype=dtype, device=q.device)
+    for i in range(b):
+        n = int(seq_lens[i])
+        if n == 0:
+            continue
+        pages = block_table[i, : (n + page_size - 1) // page_size].long()
+        k = k_cache[pages].reshape(-1, kvh, d)[:n].to(dtype)  # [n, KVH, D]
+        v = v_cache[pages].reshape(-1, kvh, d)[:n].to(dtype)
+        for hh in range(h):
+            s = (k[:, hh // group, :] @ q[i, hh].to(dtype)) * scale
+            out[i, hh] = torch.softmax(s, dim=0) @ v[:, hh // group, :]
+    return out
