@@ -56,3 +56,18 @@ def decode_attention_naive(q, k_cache, v_cache, block_table, seq_lens, scale=Non
             s = (k[:, hh // group, :] @ q[i, hh].to(dtype)) * scale
             out[i, hh] = torch.softmax(s, dim=0) @ v[:, hh // group, :]
     return out
+
+
+def decode_attention_dense(q, k_cache, v_cache, block_table, seq_lens, scale=None, dtype=torch.float32):
+    """Vectorised high-precision reference: gather pages into dense K/V, masked softmax (GPU tests)."""
+    b, h, d = q.shape
+    kvh = k_cache.shape[2]
+    scale = d ** -0.5 if scale is None else scale
+    k = gather_paged_kv(k_cache, block_table).to(dtype)  # [B, KVH, L, D]
+    v = gather_paged_kv(v_cache, block_table).to(dtype)
+    qg = q.to(dtype).view(b, kvh, h // kvh, d)
+    s = torch.einsum("bkgd,bkld->bkgl", qg, k) * scale
+    valid = torch.arange(k.shape[2], device=q.device)[None, :] < seq_lens[:, None].long()
+    s = s.masked_fill(~valid[:, None, None, :], float("-inf"))
+    p = torch.softmax(s, dim=-1).nan_to_num(0.0)  # all-masked rows (length 0) -> zeros
+    return torch.einsum("bkgl,bkld->bkgd", p, v).reshape(b, h, d)

@@ -1,0 +1,95 @@
+"""The ``cuda`` backend: packs torch tensors into the raw-pointer API of ``mpskern._C``.
+
+The extension does not link PyTorch; this module owns the tensor -> (pointer, stride) translation, the
+workspace allocation (so C++ allocates nothing and CUDA-graph capture sees torch allocations) and the launch
+plan shared with the Triton backend.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import torch
+
+from .decode_plan import DecodePlan, plan_decode
+
+try:
+    from . import _C
+except ImportError as exc:  # built without nvcc, or an import-time failure worth showing
+    _C = None
+    _IMPORT_ERROR: Exception | None = exc
+else:
+    _IMPORT_ERROR = None
+
+_DTYPE_CODES = {torch.float16: 0, torch.bfloat16: 1}
+
+
+def available() -> bool:
+    return _C is not None
+
+
+def extension() -> Any:
+    if _C is None:
+        raise RuntimeError(
+            "the CUDA backend (mpskern._C) is not built: reinstall with nvcc on PATH "
+            f"(import error: {_IMPORT_ERROR})"
+        )
+    return _C
+
+
+@functools.lru_cache(maxsize=None)
+def _attention_resources(device_index: int, dtype_code: int, head_dim: int, heads_per_chunk: int) -> dict:
+    del device_index  # part of the cache key: the occupancy query runs on the current device
+    return extension().decode_attention_info(dtype=dtype_code, head_dim=head_dim, heads_per_chunk=heads_per_chunk)
+
+
+def decode_plan(batch: int, heads: int, kv_heads: int, head_dim: int, max_context: int, dtype: torch.dtype,
+                num_splits: int | None = None) -> DecodePlan:
+    """The launch the CUDA kernel uses for these sizes (also what kernel_info reports)."""
+    group = heads // kv_heads
+    probe = plan_decode(batch=batch, kv_heads=kv_heads, group=group, max_context=max_context, num_sms=1,
+                        ctas_per_sm=1, tile_tokens=1, num_splits=1)
+    res = _attention_resources(torch.cuda.current_device(), _DTYPE_CODES[dtype], head_dim, probe.heads_per_chunk)
+    return plan_decode(batch=batch, kv_heads=kv_heads, group=group, max_context=max_context,
+                       num_sms=res["num_sms"], ctas_per_sm=res["blocks_per_sm"],
+                       tile_tokens=extension().decode_attention_tile_tokens(), num_splits=num_splits)
+
+
+def decode_attention(q, k_cache, v_cache, block_table, seq_lens, scale, out, num_splits=None):
+    ext = extension()
+    b, h, d = q.shape
+    _, page_size, kvh, _ = k_cache.shape
+    plan = decode_plan(b, h, kvh, d, block_table.shape[1] * page_size, q.dtype, num_splits)
+    if plan.needs_combine:
+        o_partial = torch.empty((b, h, plan.num_splits, d), dtype=torch.float32, device=q.device)
+        lse = torch.empty((b, h, plan.num_splits), dtype=torch.float32, device=q.device)
+        ws = (o_partial.data_ptr(), lse.data_ptr())
+    else:
+        ws = (0, 0)
+    ext.decode_attention(
+        q=q.data_ptr(), q_stride_b=q.stride(0), q_stride_h=q.stride(1),
+        k_cache=k_cache.data_ptr(), v_cache=v_cache.data_ptr(),
+        block_table=block_table.data_ptr(), max_pages=block_table.shape[1], seq_lens=seq_lens.data_ptr(),
+        out=out.data_ptr(), out_stride_b=out.stride(0), out_stride_h=out.stride(1),
+        o_partial=ws[0], lse=ws[1],
+        batch=b, heads=h, kv_heads=kvh, head_dim=d, page_size=page_size,
+        num_splits=plan.num_splits, tokens_per_split=plan.tokens_per_split,
+        head_chunks=plan.head_chunks, heads_per_chunk=plan.heads_per_chunk, scale=scale,
+        dtype=_DTYPE_CODES[q.dtype], stream=torch.cuda.current_stream(q.device).cuda_stream,
+    )
+    return out
+
+
+def kernel_info(*, batch: int, heads: int, kv_heads: int, head_dim: int, max_context: int,
+                dtype: torch.dtype = torch.bfloat16, num_splits: int | None = None) -> dict:
+    """Registers, shared memory, block/grid size and theoretical occupancy of the decode launch these sizes
+    get (attention kernel, plus the combine kernel when the context is split). Needs a CUDA device."""
+    plan = decode_plan(batch, heads, kv_heads, head_dim, max_context, dtype, num_splits)
+    grid = batch * kv_heads * plan.head_chunks * plan.num_splits
+    info = {"decode_attention": extension().decode_attention_info(
+        dtype=_DTYPE_CODES[dtype], head_dim=head_dim, heads_per_chunk=plan.heads_per_chunk, grid_size=grid)}
+    if plan.needs_combine:
+        info["decode_combine"] = extension().decode_combine_info(dtype=_DTYPE_CODES[dtype], grid_size=batch * heads)
+    info["plan"] = {"num_splits": plan.num_splits, "tokens_per_split": plan.tokens_per_split,
+                    "head_chunks": plan.head_chunks, "heads_per_chunk": plan.heads_per_chunk}
+    return info

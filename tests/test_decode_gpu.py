@@ -1,0 +1,156 @@
+"""GPU: the CUDA and Triton paged decode kernels against an fp32 reference (dense gather + masked softmax)."""
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from conftest import rel_err
+from mpskern import ops
+from mpskern.paged_kv import make_paged_kv
+from mpskern.reference import decode_attention_dense
+
+pytestmark = pytest.mark.gpu
+
+BACKENDS = ["cuda", "triton"]
+CONTEXTS = [1, 15, 16, 17, 97, 1025, 8191, 16384]
+HEADS = [(14, 2), (12, 2), (16, 2), (28, 4), (32, 8), (8, 4)]
+HEAD_DIMS = [64, 128, 256]
+PAGE_SIZES = [1, 16, 128]
+DTYPES = [torch.bfloat16, torch.float16]
+TOL = {torch.bfloat16: 1e-2, torch.float16: 2e-3}
+
+
+def run_case(backend, batch_lens, heads, kv_heads, head_dim, page_size, dtype, *, num_splits=None, seed=0,
+             q_strided=False):
+    torch.manual_seed(seed)
+    kv = make_paged_kv(batch_lens, kv_heads, head_dim, page_size=page_size, dtype=dtype)
+    b = len(batch_lens)
+    if q_strided:  # q as a slice of a wider [B, H + extra, D] buffer, as from a fused QKV projection
+        q = torch.randn(b, heads + 3, head_dim, device="cuda", dtype=dtype)[:, 2 : 2 + heads]
+    else:
+        q = torch.randn(b, heads, head_dim, device="cuda", dtype=dtype)
+    out = torch.full((b, heads, head_dim), float("nan"), device="cuda", dtype=dtype)  # poisoned
+    ops.decode_attention(q, kv.k_cache, kv.v_cache, kv.block_table, kv.seq_lens, out=out, backend=backend,
+                         num_splits=num_splits)
+    ref = decode_attention_dense(q, kv.k_cache, kv.v_cache, kv.block_table, kv.seq_lens)
+    err = rel_err(out, ref)
+    assert err < TOL[dtype], f"rel err {err:.3e}"
+    return out, ref
+
+
+# Every context length with every head layout; head_dim / page size / dtype rotate so each value meets
+# every context and head layout.
+GRID = [
+    (ctx, hk, HEAD_DIMS[i % 3], PAGE_SIZES[(i // 3) % 3], DTYPES[i % 2])
+    for i, (ctx, hk) in enumerate(itertools.product(CONTEXTS, HEADS))
+]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(
+    "ctx,hk,head_dim,page_size,dtype", GRID,
+    ids=[f"ctx{c}-h{h}kv{k}-d{d}-p{p}-{str(t)[6:]}" for c, (h, k), d, p, t in GRID],
+)
+def test_grid_single_context(backend, ctx, hk, head_dim, page_size, dtype):
+    run_case(backend, [ctx, max(1, ctx // 3)], hk[0], hk[1], head_dim, page_size, dtype)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("head_dim", HEAD_DIMS)
+@pytest.mark.parametrize("page_size", PAGE_SIZES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=["bf16", "fp16"])
+def test_mixed_lengths_in_one_batch(backend, head_dim, page_size, dtype):
+    lens = CONTEXTS + [3, 250, 4097]
+    run_case(backend, lens, 14, 2, head_dim, page_size, dtype)
+    run_case(backend, lens[::-1], 28, 4, head_dim, page_size, dtype, seed=1)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("batch", [1, 3, 64, 257])
+@pytest.mark.parametrize("hk", [(12, 2), (32, 8), (16, 2)], ids=["h12kv2", "h32kv8", "h16kv2"])
+def test_batches(backend, batch, hk):
+    g = torch.Generator().manual_seed(batch)
+    lens = [CONTEXTS[int(i)] for i in torch.randint(0, 6, (batch,), generator=g)]  # up to 1025 tokens
+    run_case(backend, lens, hk[0], hk[1], 128, 16, torch.bfloat16)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("num_splits", [1, 2, 7, 64])
+def test_forced_splits(backend, num_splits):
+    run_case(backend, [5000, 1, 16384, 333], 16, 2, 128, 16, torch.bfloat16, num_splits=num_splits)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("hk", [(34, 2), (48, 1), (1, 1)], ids=["group17", "group48", "mha1"])
+def test_group_sizes_beyond_one_cta(backend, hk):
+    run_case(backend, [97, 1025, 1], hk[0], hk[1], 64, 16, torch.float16)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_strided_q(backend):
+    run_case(backend, [1025, 17], 14, 2, 64, 16, torch.bfloat16, q_strided=True)
+
+
+@pytest.mark.parametrize("backend", BACKENDS + ["torch"])
+def test_zero_length_and_clamped_length(backend):
+    torch.manual_seed(3)
+    kv = make_paged_kv([40, 40, 40], 2, 128, page_size=16, dtype=torch.bfloat16)  # 3 pages per row
+    lens = torch.tensor([0, 48, 10_000], dtype=torch.int32, device="cuda")  # 0, exact capacity, past it
+    q = torch.randn(3, 16, 128, device="cuda", dtype=torch.bfloat16)
+    out = ops.decode_attention(q, kv.k_cache, kv.v_cache, kv.block_table, lens, backend=backend)
+    clamped = lens.clamp(max=kv.block_table.shape[1] * 16)
+    ref = decode_attention_dense(q, kv.k_cache, kv.v_cache, kv.block_table, clamped)
+    assert torch.equal(out[0], torch.zeros_like(out[0]))
+    assert rel_err(out[1:], ref[1:]) < TOL[torch.bfloat16]
+
+
+@pytest.mark.parametrize("backend", BACKENDS + ["torch"])
+def test_cuda_graph_capture_and_replay(backend):
+    torch.manual_seed(4)
+    kv = make_paged_kv([3000, 17, 8191], 4, 128, page_size=16, dtype=torch.bfloat16)
+    q = torch.randn(3, 28, 128, device="cuda", dtype=torch.bfloat16)
+    out = torch.empty_like(q)
+    run = lambda: ops.decode_attention(q, kv.k_cache, kv.v_cache, kv.block_table, kv.seq_lens, out=out,  # noqa: E731
+                                       backend=backend)
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        run()  # warm-up (Triton compile, CUDA attribute set-up) outside the capture
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        run()
+    for seed in range(3):  # new inputs in the captured buffers each replay
+        torch.manual_seed(10 + seed)
+        q.copy_(torch.randn_like(q))
+        kv.seq_lens.copy_(torch.randint(1, 8192, (3,), dtype=torch.int32))
+        out.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        ref = decode_attention_dense(q, kv.k_cache, kv.v_cache, kv.block_table, kv.seq_lens)
+        assert rel_err(out, ref) < TOL[torch.bfloat16]
+
+
+def test_cuda_kernel_info_reports_the_launch():
+    from mpskern import cuda_backend
+
+    info = cuda_backend.kernel_info(batch=8, heads=16, kv_heads=2, head_dim=128, max_context=32768)
+    attn = info["decode_attention"]
+    assert attn["registers"] > 0 and attn["block_size"] == 128 and attn["dynamic_smem"] > 48 * 1024
+    assert attn["blocks_per_sm"] >= 1 and 0 < attn["theoretical_occupancy"] <= 1
+    assert info["plan"]["num_splits"] > 1 and "decode_combine" in info  # 16 (seq, kv head) pairs: must split
+    assert attn["grid_size"] == 8 * 2 * info["plan"]["num_splits"]
+
+
+def test_cuda_errors_do_not_crash():
+    torch.manual_seed(5)
+    kv = make_paged_kv([16], 2, 128, dtype=torch.bfloat16)
+    q = torch.randn(1, 16, 128, device="cuda", dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="num_splits"):
+        ops.decode_attention(q, kv.k_cache, kv.v_cache, kv.block_table, kv.seq_lens, backend="cuda", num_splits=0)
+    from mpskern import cuda_backend
+
+    with pytest.raises(ValueError, match="head_dim"):
+        cuda_backend.extension().decode_attention_info(dtype=1, head_dim=96, heads_per_chunk=8)

@@ -1,0 +1,65 @@
+"""CPU: the torch backend and the dense reference against the float64 definition; the split planner."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import rel_err
+from mpskern import ops
+from mpskern.decode_plan import MAX_HEADS_PER_CTA, plan_decode
+from mpskern.paged_kv import make_paged_kv
+from mpskern.reference import decode_attention_dense, decode_attention_naive
+
+
+@pytest.mark.parametrize("hk,head_dim,page_size", [((14, 2), 64, 16), ((12, 2), 128, 1), ((8, 4), 256, 128),
+                                                   ((6, 6), 64, 4)])
+def test_torch_backend_and_dense_reference_match_float64(hk, head_dim, page_size):
+    torch.manual_seed(0)
+    lens = [1, 15, 16, 17, 97, 0]
+    kv = make_paged_kv(lens, hk[1], head_dim, page_size=page_size, dtype=torch.float16, device="cpu")
+    q = torch.randn(len(lens), hk[0], head_dim).half()
+    naive = decode_attention_naive(q, kv.k_cache, kv.v_cache, kv.block_table, kv.seq_lens)
+    out = torch.full_like(q, float("nan"))
+    ops.decode_attention(q, kv.k_cache, kv.v_cache, kv.block_table, kv.seq_lens, out=out, backend="torch")
+    assert rel_err(out, naive) < 2e-3
+    dense = decode_attention_dense(q, kv.k_cache, kv.v_cache, kv.block_table, kv.seq_lens, dtype=torch.float64)
+    assert rel_err(dense, naive) < 1e-12
+    assert torch.equal(out[-1], torch.zeros_like(out[-1]))  # length 0 -> zeros
+
+
+def test_naive_reference_is_attention():
+    """One sequence, one head, by hand: softmax(q.k * scale) @ v."""
+    k = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+    v = torch.tensor([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]])
+    q = torch.tensor([[[2.0, -1.0]]])
+    k_cache, v_cache = k.view(3, 1, 1, 2), v.view(3, 1, 1, 2)  # page_size 1
+    table = torch.tensor([[2, 0, 1]], dtype=torch.int32)  # tokens live on pages 2, 0, 1
+    lens = torch.tensor([3], dtype=torch.int32)
+    out = decode_attention_naive(q, k_cache, v_cache, table, lens, scale=1.0)
+    scores = torch.tensor([1.0, 2.0, -1.0], dtype=torch.float64)  # k[2], k[0], k[1] against q
+    expected = torch.softmax(scores, 0) @ v[[2, 0, 1]].double()
+    assert torch.allclose(out[0, 0], expected)
+
+
+@pytest.mark.parametrize("batch,kvh,group,ctx,splits", [
+    (1024, 2, 8, 512, 1),     # plenty of CTAs: no split
+    (8, 2, 8, 32768, None),   # 16 CTAs: must split
+    (1, 1, 48, 16384, None),  # group > 16: head chunks
+])
+def test_plan_decode(batch, kvh, group, ctx, splits):
+    plan = plan_decode(batch=batch, kv_heads=kvh, group=group, max_context=ctx, num_sms=132, ctas_per_sm=2,
+                       tile_tokens=64)
+    if splits is not None:
+        assert plan.num_splits == splits
+    assert plan.tokens_per_split % 64 == 0
+    assert plan.num_splits * plan.tokens_per_split >= ctx > (plan.num_splits - 1) * plan.tokens_per_split
+    assert plan.head_chunks * plan.heads_per_chunk >= group and plan.heads_per_chunk <= MAX_HEADS_PER_CTA
+    ctas = batch * kvh * plan.head_chunks * plan.num_splits
+    # at least ~2 waves of CTAs (tile rounding may shave a few), unless splits would get under 256 tokens
+    assert ctas >= 0.9 * min(2 * 132 * 2, batch * kvh * plan.head_chunks * (ctx // 256))
+
+
+def test_plan_decode_forced_splits():
+    plan = plan_decode(batch=4, kv_heads=2, group=7, max_context=1000, num_sms=132, ctas_per_sm=2, tile_tokens=64,
+                       num_splits=3)
+    assert plan.num_splits == 3 and plan.tokens_per_split == 384
