@@ -28,7 +28,7 @@ if want build; then
 fi
 export PYTHONUNBUFFERED=1
 if want tests; then
-  step gpu_tests $PY -m pytest tests -m gpu -q -x --timeout=600 -p no:cacheprovider ${PYTEST_ARGS:-}
+  step gpu_tests $PY -m pytest tests -m gpu -q --timeout=600 -p no:cacheprovider ${PYTEST_ARGS:-}
 fi
 if want bench; then
   step bench $PY -m pytest benchmarks -q -p no:cacheprovider --benchmark-json "$OUT/bench.json" \

@@ -44,3 +44,17 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     if not torch.isfinite(out64).all():
         return float("inf")
     return float((out64 - ref64).norm() / ref64.norm().clamp_min(1e-30))
+
+
+@pytest.fixture
+def fake_mps(tmp_path, monkeypatch):
+    """A fake ``nvidia-cuda-mps-control`` first on PATH (CPU tests of the daemon lifecycle); fails the test
+    if a daemon is left behind."""
+    from mpskern import mps
+    from mpskern.driver_fakes import leftover_daemons, write_fake_control_binary
+
+    write_fake_control_binary(tmp_path)
+    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.delenv(mps.PIPE_ENV, raising=False)
+    yield
+    assert not leftover_daemons(), "a test left an MPS daemon behind"

@@ -3,14 +3,13 @@ layouts, windows, trials, the gain arithmetic, and clients that die, hang, raise
 from __future__ import annotations
 
 import dataclasses
-import os
 import time
 
 import pytest
 
 from mpskern import driver, gain, mps
 from mpskern.client import LaneSpec, run_window
-from mpskern.driver_fakes import FakeLane, FakeWorkload, leftover_daemons, write_fake_control_binary
+from mpskern.driver_fakes import FakeLane, FakeWorkload
 
 FACTORY = "mpskern.driver_fakes:build_fake_lane"
 FAST = driver.RunOptions(mode="timeslice", duration_s=0.25, warmup_s=0.05, trials=3, startup_timeout_s=30,
@@ -37,14 +36,6 @@ def assert_gone(record):
     for pid in pids:
         assert not mps._alive(pid), f"client {pid} left running"
 
-
-@pytest.fixture
-def fake_mps(tmp_path, monkeypatch):
-    write_fake_control_binary(tmp_path)
-    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
-    monkeypatch.delenv(mps.PIPE_ENV, raising=False)
-    yield
-    assert not leftover_daemons(), "a test left an MPS daemon behind"
 
 
 # --- layouts -------------------------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from mpskern import cli, device_info, driver, mps, overlap, results
-from mpskern.driver_fakes import FakeWorkload, leftover_daemons, write_fake_control_binary
+from mpskern.driver_fakes import FakeWorkload, leftover_daemons
 
 PYTHON_DIR = str(Path(__file__).resolve().parents[1] / "python")
 
@@ -120,14 +120,6 @@ def test_mpskern_dispatcher(capsys):
 
 
 # --- a whole measurement on CPU stand-ins ---------------------------------------------------------------------
-
-@pytest.fixture
-def fake_mps(tmp_path, monkeypatch):
-    write_fake_control_binary(tmp_path)
-    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
-    monkeypatch.delenv(mps.PIPE_ENV, raising=False)
-    yield
-    assert not leftover_daemons(), "a test left an MPS daemon behind"
 
 
 def test_measure_prints_a_table_and_writes_a_valid_record(fake_mps, tmp_path):

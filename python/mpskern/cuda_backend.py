@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from .decode_plan import DecodePlan, plan_decode
+from .decode_plan import DecodePlan, plan_decode, split_workspace
 
 try:
     from . import _C
@@ -60,12 +60,8 @@ def decode_attention(q, k_cache, v_cache, block_table, seq_lens, scale, out, num
     b, h, d = q.shape
     _, page_size, kvh, _ = k_cache.shape
     plan = decode_plan(b, h, kvh, d, block_table.shape[1] * page_size, q.dtype, num_splits)
-    if plan.needs_combine:
-        o_partial = torch.empty((b, h, plan.num_splits, d), dtype=torch.float32, device=q.device)
-        lse = torch.empty((b, h, plan.num_splits), dtype=torch.float32, device=q.device)
-        ws = (o_partial.data_ptr(), lse.data_ptr())
-    else:
-        ws = (0, 0)
+    workspace = split_workspace(plan, b, h, d, q.device)
+    ws = (workspace[0].data_ptr(), workspace[1].data_ptr()) if workspace else (0, 0)
     ext.decode_attention(
         q=q.data_ptr(), q_stride_b=q.stride(0), q_stride_h=q.stride(1),
         k_cache=k_cache.data_ptr(), v_cache=v_cache.data_ptr(),

@@ -10,6 +10,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import torch
+
 MAX_HEADS_PER_CTA = 16  # the query-head tile of one CTA (the M dimension of the tensor-core tile)
 MIN_TOKENS_PER_SPLIT = 256  # below this the combine traffic and per-CTA start-up stop paying off
 WAVES = 2  # aim for at least this many CTA waves so the tail wave is a small fraction
@@ -51,3 +53,14 @@ def plan_decode(
         raise ValueError(f"num_splits must be >= 1; got {num_splits}")
     tokens = math.ceil(math.ceil(max_context / num_splits) / tile_tokens) * tile_tokens
     return DecodePlan(math.ceil(max_context / tokens), tokens, head_chunks, heads_per_chunk)
+
+
+def split_workspace(plan: DecodePlan, batch: int, heads: int, head_dim: int,
+                    device: torch.device) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The combine step's fp32 workspace, allocated through torch (so graph capture sees it): per-split
+    normalised partial outputs ``[B, H, S, D]`` and their natural-log LSEs ``[B, H, S]``. None if unsplit."""
+    if not plan.needs_combine:
+        return None
+    o_partial = torch.empty((batch, heads, plan.num_splits, head_dim), dtype=torch.float32, device=device)
+    lse = torch.empty((batch, heads, plan.num_splits), dtype=torch.float32, device=device)
+    return o_partial, lse

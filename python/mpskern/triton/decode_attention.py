@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..decode_plan import MAX_HEADS_PER_CTA, DecodePlan, plan_decode
+from ..decode_plan import MAX_HEADS_PER_CTA, DecodePlan, plan_decode, split_workspace
 
 # ---------------------------------------------------------------------------------------------------------
 # Tunables, per head_dim. BLOCK_N is the KV tile (tokens per loop step) and the split granularity: the
@@ -221,11 +221,8 @@ def decode_attention(
     cfg = CONFIGS[d]
     plan = launch_plan(b, h, kvh, d, max_pages * page_size, q.device, num_splits)
 
-    if plan.needs_combine:
-        o_part = torch.empty((b, h, plan.num_splits, d), dtype=torch.float32, device=q.device)
-        lse = torch.empty((b, h, plan.num_splits), dtype=torch.float32, device=q.device)
-    else:
-        o_part = lse = out  # unused by the kernel (SPLIT=False); any pointer will do
+    # Without a split the kernel writes `out` directly and never touches the workspace pointers.
+    o_part, lse = split_workspace(plan, b, h, d, q.device) or (out, out)
 
     grid = (b * kvh, plan.num_splits, plan.head_chunks)
     _decode_split_kernel[grid](
