@@ -54,6 +54,9 @@ def test_help_names_the_defaults():
     (["--batch", "many"], "invalid int value"),
     (["--trials", "0"], "--trials must be >= 1"),
     (["--mps", "external", "--mode", "streams"], "--mps external needs --mode mps"),
+    (["--shape", "896,4864,14"], "expected hidden,intermediate,heads,kv_heads,head_dim,layers"),
+    (["--shape", "896,4864,14,3,64,24"], "must be a multiple of kv_heads"),
+    (["--shape", "896,4864,14,2,64,24,relu"], "act must be one of"),
 ])
 def test_bad_input_is_one_line_and_exit_2(args, message, capsys):
     assert overlap.main(args) == 2
@@ -62,6 +65,15 @@ def test_bad_input_is_one_line_and_exit_2(args, message, capsys):
     assert len(lines) == 1 and lines[0].startswith("mpskern: error: "), out.err
     assert message in lines[0]
     assert out.out == ""
+
+
+def test_custom_shape_flag_builds_the_workload():
+    args = overlap.build_parser().parse_args(["--shape", "1024,2816,16,4,64,12,gelu_tanh", "--kernel", "layer"])
+    config = overlap.base_workload(args, 20.0)
+    shape = config.model_shape()
+    assert (shape.hidden, shape.intermediate, shape.heads, shape.kv_heads, shape.head_dim, shape.layers) == (
+        1024, 2816, 16, 4, 64, 12)
+    assert shape.act == "gelu_tanh" and config.as_dict()["model"] == "custom"
 
 
 def test_bad_input_in_a_real_process_has_no_traceback():

@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 
 from . import device_info, driver, mps, results
 from .metrics import GpmSampler
+from .models import ModelShape, custom_model
 
 GIB = 2**30
 DEFAULT_BUDGET_GIB = 20.0  # per stream, when the GPU has room for it
@@ -45,6 +46,23 @@ def _int_list(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected integers separated by commas; got {text!r}") from None
 
 
+def _model_shape(text: str) -> ModelShape:
+    """--shape hidden,intermediate,heads,kv_heads,head_dim,layers[,act]: a custom model shape."""
+    parts = [x.strip() for x in text.split(",")]
+    if len(parts) not in (6, 7):
+        raise argparse.ArgumentTypeError(
+            f"expected hidden,intermediate,heads,kv_heads,head_dim,layers[,act]; got {text!r}")
+    try:
+        hidden, inter, heads, kv_heads, head_dim, layers = (int(x) for x in parts[:6])
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"the six sizes must be integers; got {text!r}") from None
+    try:
+        return custom_model(hidden=hidden, intermediate=inter, heads=heads, kv_heads=kv_heads, head_dim=head_dim,
+                            layers=layers, act=parts[6] if len(parts) == 7 else "silu")
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _name_list(text: str) -> list[str]:
     return [x.strip() for x in text.split(",") if x.strip()]
 
@@ -55,6 +73,9 @@ def build_parser(prog: str = "mpskern overlap") -> argparse.ArgumentParser:
                             "kernel stream: under MPS, time-slicing, or as N streams of one process.")
     w = p.add_argument_group("workload (one client's stream)")
     w.add_argument("--model", default="Qwen2.5-0.5B", help="model preset (mpskern.models.PRESETS)")
+    w.add_argument("--shape", type=_model_shape, default=None, metavar="H,I,NH,KVH,D,L[,ACT]",
+                   help="custom model shape instead of --model: hidden, intermediate, heads, kv heads, head_dim, "
+                        "layers, and optionally the activation (silu | gelu_tanh)")
     w.add_argument("--phase", default="decode", help="decode | prefill")
     w.add_argument("--kernel", default="attn", help="attn | mlp | layer")
     w.add_argument("--pair", type=_name_list, default=None, metavar="K1,K2",
@@ -108,7 +129,7 @@ def build_parser(prog: str = "mpskern overlap") -> argparse.ArgumentParser:
 def base_workload(args: argparse.Namespace, budget_gib: float):
     from .workloads import WorkloadConfig
 
-    return WorkloadConfig(model=args.model, phase=args.phase, kernel=args.kernel, batch=args.batch,
+    return WorkloadConfig(model=args.shape.name if args.shape else args.model, shape=args.shape, phase=args.phase, kernel=args.kernel, batch=args.batch,
                           context=args.context, backend=args.backend, fusion=args.fusion, dtype=args.dtype,
                           page_size=args.page_size, layers=args.layers, memory_budget_gb=budget_gib)
 
