@@ -14,9 +14,10 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session")
 def ceilings() -> dict:
-    from mpskern.timing import copy_bandwidth_gbs, device_summary
+    from mpskern.device_info import torch_device_properties
+    from mpskern.timing import copy_bandwidth_gbs
 
-    return {"copy_gbs": copy_bandwidth_gbs(), "device": device_summary()}
+    return {"copy_gbs": copy_bandwidth_gbs(), "device": torch_device_properties()}
 
 
 @pytest.fixture(scope="session")

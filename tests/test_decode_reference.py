@@ -63,3 +63,29 @@ def test_plan_decode_forced_splits():
     plan = plan_decode(batch=4, kv_heads=2, group=7, max_context=1000, num_sms=132, ctas_per_sm=2, tile_tokens=64,
                        num_splits=3)
     assert plan.num_splits == 3 and plan.tokens_per_split == 384
+
+
+def test_cuda_backend_plans_from_the_kernels_occupancy_once_per_shape(monkeypatch):
+    """The CUDA backend's launch plan uses the kernel's own occupancy and tile, and is computed once per shape
+    (the extension is stubbed: this runs without a GPU)."""
+    from mpskern import cuda_backend
+
+    calls = []
+
+    class StubExtension:
+        def decode_attention_info(self, *, dtype, head_dim, heads_per_chunk):
+            calls.append((dtype, head_dim, heads_per_chunk))
+            return {"num_sms": 132, "blocks_per_sm": 2}
+
+        def decode_attention_tile_tokens(self):
+            return 64
+
+    monkeypatch.setattr(cuda_backend, "_C", StubExtension())
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    cuda_backend._cached_plan.cache_clear()
+    for _ in range(3):
+        plan = cuda_backend.decode_plan(8, 34, 2, 128, 32768, torch.bfloat16)
+    assert calls == [(1, 128, 9)]  # group 17 -> two chunks of <= 9 heads; queried once
+    assert plan == plan_decode(batch=8, kv_heads=2, group=17, max_context=32768, num_sms=132, ctas_per_sm=2,
+                               tile_tokens=64)
+    cuda_backend._cached_plan.cache_clear()

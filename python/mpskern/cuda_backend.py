@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from .decode_plan import DecodePlan, plan_decode, split_workspace
+from .decode_plan import DecodePlan, head_chunking, plan_decode, split_workspace
 
 try:
     from . import _C
@@ -37,22 +37,25 @@ def extension() -> Any:
     return _C
 
 
-@functools.lru_cache(maxsize=None)
-def _attention_resources(device_index: int, dtype_code: int, head_dim: int, heads_per_chunk: int) -> dict:
-    del device_index  # part of the cache key: the occupancy query runs on the current device
-    return extension().decode_attention_info(dtype=dtype_code, head_dim=head_dim, heads_per_chunk=heads_per_chunk)
-
-
 def decode_plan(batch: int, heads: int, kv_heads: int, head_dim: int, max_context: int, dtype: torch.dtype,
                 num_splits: int | None = None) -> DecodePlan:
     """The launch the CUDA kernel uses for these sizes (also what kernel_info reports)."""
+    return _cached_plan(torch.cuda.current_device(), batch, heads, kv_heads, head_dim, max_context, dtype, num_splits)
+
+
+@functools.lru_cache(maxsize=4096)
+def _cached_plan(device_index: int, batch: int, heads: int, kv_heads: int, head_dim: int, max_context: int,
+                 dtype: torch.dtype, num_splits: int | None) -> DecodePlan:
+    # Keyed by device: the occupancy query runs on the current device. Cached so an eager decode loop pays
+    # for the plan (and its two calls into the extension) once per shape, not once per launch.
+    del device_index
+    ext = extension()
     group = heads // kv_heads
-    probe = plan_decode(batch=batch, kv_heads=kv_heads, group=group, max_context=max_context, num_sms=1,
-                        ctas_per_sm=1, tile_tokens=1, num_splits=1)
-    res = _attention_resources(torch.cuda.current_device(), _DTYPE_CODES[dtype], head_dim, probe.heads_per_chunk)
+    _, heads_per_chunk = head_chunking(group)
+    res = ext.decode_attention_info(dtype=_DTYPE_CODES[dtype], head_dim=head_dim, heads_per_chunk=heads_per_chunk)
     return plan_decode(batch=batch, kv_heads=kv_heads, group=group, max_context=max_context,
                        num_sms=res["num_sms"], ctas_per_sm=res["blocks_per_sm"],
-                       tile_tokens=extension().decode_attention_tile_tokens(), num_splits=num_splits)
+                       tile_tokens=ext.decode_attention_tile_tokens(), num_splits=num_splits)
 
 
 def decode_attention(q, k_cache, v_cache, block_table, seq_lens, scale, out, num_splits=None):

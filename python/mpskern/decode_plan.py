@@ -29,6 +29,12 @@ class DecodePlan:
         return self.num_splits > 1
 
 
+def head_chunking(group: int) -> tuple[int, int]:
+    """(head_chunks, heads_per_chunk): a GQA group split into near-equal CTA head tiles of <= 16."""
+    head_chunks = math.ceil(group / MAX_HEADS_PER_CTA)
+    return head_chunks, math.ceil(group / head_chunks)
+
+
 def plan_decode(
     *,
     batch: int,
@@ -41,8 +47,7 @@ def plan_decode(
     num_splits: int | None = None,
 ) -> DecodePlan:
     """Choose the KV split for a launch. ``num_splits`` forces a split count (tests, tuning)."""
-    head_chunks = math.ceil(group / MAX_HEADS_PER_CTA)
-    heads_per_chunk = math.ceil(group / head_chunks)
+    head_chunks, heads_per_chunk = head_chunking(group)
     max_context = max(max_context, 1)
     if num_splits is None:
         base = batch * kv_heads * head_chunks

@@ -109,3 +109,21 @@ def mps_client_pids(handle: Any = None) -> set[int]:
     lib = nvml()
     handle = handle or visible_device_handle(lib)
     return {int(p.pid) for p in lib.nvmlDeviceGetMPSComputeRunningProcesses(handle)}
+
+
+def torch_device_properties() -> dict:
+    """The current CUDA device as torch sees it (creates a CUDA context: clients and benchmarks only, never
+    the driver)."""
+    import torch
+
+    props = torch.cuda.get_device_properties(torch.cuda.current_device())
+    return {
+        "name": props.name,
+        "sms": props.multi_processor_count,
+        "l2_bytes": getattr(props, "L2_cache_size", None),
+        "memory_bytes": props.total_memory,
+        "compute_capability": f"{props.major}.{props.minor}",
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+        "cudnn": torch.backends.cudnn.version(),
+    }

@@ -109,6 +109,13 @@ CONTROL = os.path.join(PIPE, "control")
 IGNORE_QUIT = os.environ.get("MPSKERN_FAKE_MPS_IGNORE_QUIT") == "1"
 
 
+def recv_all(sock):
+    data = b""
+    while chunk := sock.recv(4096):
+        data += chunk
+    return data
+
+
 def log(line):
     with open(os.path.join(LOG, "control.log"), "a") as f:
         f.write(line + "\n")
@@ -155,13 +162,7 @@ def daemon():
     log("Startup")
     while True:
         conn, _ = server.accept()
-        data = b""
-        while True:
-            chunk = conn.recv(4096)
-            if not chunk:
-                break
-            data += chunk
-        replies = [answer(line) for line in data.decode().splitlines()]
+        replies = [answer(line) for line in recv_all(conn).decode().splitlines()]
         quit_now = "QUIT" in replies and not IGNORE_QUIT
         conn.sendall("\n".join(r for r in replies if r and r != "QUIT").encode() + b"\n")
         conn.close()
@@ -179,13 +180,7 @@ def client():
     s.connect(CONTROL)
     s.sendall(sys.stdin.read().encode())
     s.shutdown(socket.SHUT_WR)
-    out = b""
-    while True:
-        chunk = s.recv(4096)
-        if not chunk:
-            break
-        out += chunk
-    sys.stdout.write(out.decode())
+    sys.stdout.write(recv_all(s).decode())
 
 
 if __name__ == "__main__":

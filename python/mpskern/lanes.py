@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from . import workloads
+from . import device_info, workloads
 from .client import LaneSpec, one_line
 
 WARMUP_STEPS = 3  # eager steps before capture (compiles, cuBLAS handles), then replays before "ready"
@@ -99,23 +99,9 @@ class CudaLane:
             "build_s": self.build_s,
             "prepare_s": self.prepare_s,
             "kernels": kernel_occupancy(s),
-            "device": device_properties(),
+            "device": device_info.torch_device_properties(),
             "process_memory_reserved_bytes": torch.cuda.memory_reserved(),
         }
-
-
-def device_properties() -> dict:
-    props = torch.cuda.get_device_properties(torch.cuda.current_device())
-    return {
-        "name": props.name,
-        "sms": props.multi_processor_count,
-        "l2_bytes": getattr(props, "L2_cache_size", None),
-        "memory_bytes": props.total_memory,
-        "compute_capability": f"{props.major}.{props.minor}",
-        "torch": torch.__version__,
-        "torch_cuda": torch.version.cuda,
-        "cudnn": torch.backends.cudnn.version(),
-    }
 
 
 # --- theoretical occupancy of the custom (csrc) kernels a stream launches ------------------------------------

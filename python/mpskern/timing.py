@@ -1,4 +1,4 @@
-"""Device-side timing and the measured ceilings every number is reported against."""
+"""Device-side timing and the measured ceiling (copy bandwidth) every number is reported against."""
 from __future__ import annotations
 
 import statistics
@@ -51,15 +51,3 @@ def copy_bandwidth_gbs(nbytes: int = 2 << 30) -> float:
     # eager: a captured memcpy node runs slower than the copy itself; 2 GB calls make launch cost moot
     ms = median_ms(lambda: dst.copy_(src), calls=5, rounds=10, graph=False)
     return 2 * nbytes / (ms * 1e-3) / 1e9
-
-
-def device_summary() -> dict:
-    props = torch.cuda.get_device_properties(torch.cuda.current_device())
-    return {
-        "name": props.name,
-        "sms": props.multi_processor_count,
-        "l2_bytes": getattr(props, "L2_cache_size", 0),
-        "memory_bytes": props.total_memory,
-        "cuda": torch.version.cuda,
-        "torch": torch.__version__,
-    }
