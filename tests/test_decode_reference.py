@@ -6,7 +6,7 @@ import torch
 
 from conftest import rel_err
 from mpskern import ops
-from mpskern.decode_plan import MAX_HEADS_PER_CTA, plan_decode
+from mpskern.decode_plan import CUDA_SPLITS, MAX_HEADS_PER_CTA, TRITON_SPLITS, plan_decode
 from mpskern.paged_kv import make_paged_kv
 from mpskern.reference import decode_attention_dense, decode_attention_naive
 
@@ -43,25 +43,36 @@ def test_naive_reference_is_attention():
 
 @pytest.mark.parametrize("batch,kvh,group,ctx,splits", [
     (1024, 2, 8, 512, 1),     # plenty of CTAs: no split
+    (64, 2, 8, 8192, 1),      # 128 CTAs on 132 SMs: splitting would cost more than the 4 idle SMs
     (8, 2, 8, 32768, None),   # 16 CTAs: must split
     (1, 1, 48, 16384, None),  # group > 16: head chunks
 ])
 def test_plan_decode(batch, kvh, group, ctx, splits):
     plan = plan_decode(batch=batch, kv_heads=kvh, group=group, max_context=ctx, num_sms=132, ctas_per_sm=2,
-                       tile_tokens=64)
+                       tile_tokens=64, policy=CUDA_SPLITS)
     if splits is not None:
         assert plan.num_splits == splits
     assert plan.tokens_per_split % 64 == 0
     assert plan.num_splits * plan.tokens_per_split >= ctx > (plan.num_splits - 1) * plan.tokens_per_split
     assert plan.head_chunks * plan.heads_per_chunk >= group and plan.heads_per_chunk <= MAX_HEADS_PER_CTA
     ctas = batch * kvh * plan.head_chunks * plan.num_splits
-    # at least ~2 waves of CTAs (tile rounding may shave a few), unless splits would get under 256 tokens
-    assert ctas >= 0.9 * min(2 * 132 * 2, batch * kvh * plan.head_chunks * (ctx // 256))
+    base = batch * kvh * plan.head_chunks
+    if base >= CUDA_SPLITS.unsplit_ctas_per_sm * 132:
+        assert plan.num_splits == 1
+    else:  # about `waves` waves of the 2 CTA slots per SM (tile rounding may shave a few), or 256-token splits
+        slots = CUDA_SPLITS.waves * 132 * 2
+        assert 0.9 * min(slots, base * (ctx // 256)) <= ctas <= slots + 2 * base
+
+
+def test_triton_needs_more_ctas_before_it_stays_unsplit():
+    kw = dict(batch=64, kv_heads=2, group=8, max_context=8192, num_sms=132, ctas_per_sm=4, tile_tokens=64)
+    assert plan_decode(**kw, policy=CUDA_SPLITS).num_splits == 1
+    assert plan_decode(**kw, policy=TRITON_SPLITS).num_splits == 9  # 128 CTAs -> two waves of 528 slots
 
 
 def test_plan_decode_forced_splits():
     plan = plan_decode(batch=4, kv_heads=2, group=7, max_context=1000, num_sms=132, ctas_per_sm=2, tile_tokens=64,
-                       num_splits=3)
+                       policy=CUDA_SPLITS, num_splits=3)
     assert plan.num_splits == 3 and plan.tokens_per_split == 384
 
 
@@ -87,5 +98,5 @@ def test_cuda_backend_plans_from_the_kernels_occupancy_once_per_shape(monkeypatc
         plan = cuda_backend.decode_plan(8, 34, 2, 128, 32768, torch.bfloat16)
     assert calls == [(1, 128, 9)]  # group 17 -> two chunks of <= 9 heads; queried once
     assert plan == plan_decode(batch=8, kv_heads=2, group=17, max_context=32768, num_sms=132, ctas_per_sm=2,
-                               tile_tokens=64)
+                               tile_tokens=64, policy=CUDA_SPLITS)
     cuda_backend._cached_plan.cache_clear()

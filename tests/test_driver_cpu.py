@@ -40,10 +40,10 @@ def assert_gone(record):
 
 # --- layouts -------------------------------------------------------------------------------------------------
 
-def test_replicated_layout_reuses_client_0_as_reference():
+def test_replicated_layout_measures_each_client_as_its_own_reference():
     layout = driver.layout_lanes(FakeWorkload(batch=64), 3)
     assert [lane.role for lane in layout.lanes] == ["shared"] * 3
-    assert layout.reference_of == {0: 0, 1: 0, 2: 0}
+    assert layout.reference_of == {0: 0, 1: 1, 2: 2}
     assert all(lane.workload.batch == 64 for lane in layout.lanes)
 
 
@@ -56,7 +56,7 @@ def test_split_layout_divides_the_batch_and_adds_a_full_batch_reference():
 def test_pair_layout_has_one_reference_per_stream():
     layout = driver.layout_lanes(FakeWorkload(), 4, kernels=["attn", "mlp"])
     assert [lane.workload.kernel for lane in layout.lanes] == ["attn", "mlp", "attn", "mlp"]
-    assert layout.reference_of == {0: 0, 1: 1, 2: 0, 3: 1}
+    assert layout.reference_of == {0: 0, 1: 1, 2: 2, 3: 3}
 
 
 def test_thread_limited_clients_get_an_unrestricted_reference():
@@ -133,6 +133,14 @@ def test_trial_numbers_follow_the_definitions():
     assert gain.spread([None]) is None
 
 
+def test_each_client_is_divided_by_its_own_alone_rate():
+    # a process that runs 20% slower alone and shared (e.g. its buffers' placement) does not move the gain
+    alone = {0: {"tokens_per_s": 100.0, "step_ms": 10.0}, 1: {"tokens_per_s": 80.0, "step_ms": 12.5}}
+    shared = {0: {"tokens_per_s": 60.0, "step_ms": 16.7}, 1: {"tokens_per_s": 48.0, "step_ms": 20.8}}
+    assert gain.trial(alone, shared, {0: 0, 1: 1})["gain"] == pytest.approx(0.2)
+    assert gain.trial(alone, shared, {0: 0, 1: 0})["gain"] == pytest.approx(0.08)  # client 0 as both references
+
+
 # --- whole configurations ------------------------------------------------------------------------------------
 
 def test_replicated_run_measures_each_trial_in_alternating_order():
@@ -140,11 +148,13 @@ def test_replicated_run_measures_each_trial_in_alternating_order():
     assert record["status"] == "ok", record["error"]
     assert len(record["trials"]) == 3
     orders = [[w["kind"] for w in t["windows"]] for t in record["trials"]]
-    assert orders == [["alone", "shared"], ["shared", "alone"], ["alone", "shared"]]
+    # each client alone (its own reference), then both; the next trial in reverse
+    assert orders == [["alone", "alone", "shared"], ["shared", "alone", "alone"], ["alone", "alone", "shared"]]
+    assert [w["lanes"] for w in record["trials"][0]["windows"]] == [[0], [1], [0, 1]]
     # sleeping lanes overlap perfectly: two clients do twice the work
     assert record["summary"]["gain"]["median"] == pytest.approx(1.0, abs=0.2)
     assert record["summary"]["latency_inflation_mean"]["median"] == pytest.approx(1.0, abs=0.2)
-    shared = record["trials"][0]["windows"][0 if orders[0][0] == "shared" else 1]
+    shared = record["trials"][0]["windows"][2]
     assert sorted(c["lane"] for c in shared["clients"]) == [0, 1]
     assert all(c["steps"] > 0 and c["tokens_per_s"] > 0 for c in shared["clients"])
     assert shared["gpm"]["supported"] is False and shared["gpm"]["reason"]
@@ -209,6 +219,7 @@ def test_unattached_client_fails_the_run_and_restarts_the_daemon(fake_mps):
 
 def test_client_that_dies_mid_window_is_reported_with_the_others_fate():
     layout = with_lane(driver.layout_lanes(FakeWorkload(), 2), 1, die_at="window")
+    layout = dataclasses.replace(layout, reference_of={0: 0, 1: 0})  # lane 1's first window is a shared one
     record = run(layout)
     assert record["status"] == "failed"
     by_lane = {f["lanes"][0]: f for f in record["failures"]}

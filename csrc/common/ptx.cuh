@@ -14,12 +14,19 @@ __device__ __forceinline__ uint32_t smem_addr(const void* p) {
 }
 
 // 16-byte async copy that bypasses L1; src_bytes == 0 zero-fills the destination (used for rows past the
-// sequence end, so masked tokens multiply zeros rather than whatever the buffer held). The L2::128B hint
-// has L2 fetch whole 128-byte lines from DRAM: every caller reads whole lines, in 16-byte pieces.
+// sequence end, so masked tokens multiply zeros rather than whatever the buffer held). The L2::128B / 256B
+// hint has L2 fetch that many bytes around the access from DRAM: callers read whole lines, in 16-byte pieces.
+template <int L2_PREFETCH = 128>
 __device__ __forceinline__ void cp_async_16(void* smem, const void* gmem, bool valid) {
+  static_assert(L2_PREFETCH == 128 || L2_PREFETCH == 256, "L2 prefetch size is 128 or 256 bytes");
   const int src_bytes = valid ? 16 : 0;
-  asm volatile("cp.async.cg.shared.global.L2::128B [%0], [%1], 16, %2;\n" ::"r"(smem_addr(smem)), "l"(gmem),
-               "r"(src_bytes));
+  if constexpr (L2_PREFETCH == 256) {
+    asm volatile("cp.async.cg.shared.global.L2::256B [%0], [%1], 16, %2;\n" ::"r"(smem_addr(smem)), "l"(gmem),
+                 "r"(src_bytes));
+  } else {
+    asm volatile("cp.async.cg.shared.global.L2::128B [%0], [%1], 16, %2;\n" ::"r"(smem_addr(smem)), "l"(gmem),
+                 "r"(src_bytes));
+  }
 }
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 template <int N>

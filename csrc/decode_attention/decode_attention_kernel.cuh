@@ -24,14 +24,23 @@ constexpr int kTileTokens = 16;  // tokens per warp tile: the K dimension of the
 template <int D>
 struct Config {
   static constexpr int kWarps = 4;
-  // Deep enough to keep ~16-32 KB per SM in flight (Little's law at ~3 TB/s), shallow enough for 2 CTAs/SM.
+  // Per warp, kStages - 1 tiles stay in flight. Measured on H100 (BENCHMARKS.md): 3 stages beat 2 (a grid of
+  // one CTA per SM needs the depth: 0.5B 64 x 8192 with 2 stages is 11% slower) and 4 (D = 64: 0 to 2%).
+  // D = 128 then takes 104 KB of shared memory, 2 CTAs per SM; D = 64, 55 KB.
 #ifdef MPSK_DECODE_STAGES  // tuning experiments: -DMPSK_DECODE_STAGES=2 etc.
   static constexpr int kStages = D == 256 ? 2 : MPSK_DECODE_STAGES;
 #else
-  static constexpr int kStages = D == 64 ? 4 : (D == 128 ? 3 : 2);
+  static constexpr int kStages = D == 256 ? 2 : 3;
 #endif
   static constexpr int kRow = D + 8;  // padded smem row: 16 B shift per row makes ldmatrix conflict-free
+  // Padded fp32 row of the warp-merge buffer: a half-warp's float2 stores (rows g..g+3, quads of columns)
+  // then hit 32 distinct banks. Unpadded, the 8 rows of a store shared one bank (ncu: 8-way conflicts).
+  static constexpr int kMergeRow = D + 8;
   static constexpr int kStageElems = 2 * kTileTokens * kRow;  // K tile then V tile
+  // A 128-byte row (D = 64) also pulls the next 128 B into L2: the same token's row of the neighbouring KV
+  // head (another CTA's) or the next token's. Measured on the 0.5B shapes: 2 to 2.5% faster; no gain at
+  // D = 128, where 128 B prefetch is 1 to 2% better than none.
+  static constexpr int kL2Prefetch = D == 64 ? 256 : 128;
   static constexpr int kThreads = kWarps * 32;
 };
 
@@ -39,7 +48,7 @@ template <typename T, int D, int M>
 constexpr int smem_bytes() {
   using C = Config<D>;
   constexpr int ring = C::kWarps * C::kStages * C::kStageElems * static_cast<int>(sizeof(T));
-  constexpr int merge = C::kWarps * M * (D + 2) * static_cast<int>(sizeof(float));
+  constexpr int merge = C::kWarps * M * (C::kMergeRow + 2) * static_cast<int>(sizeof(float));
   return ring > merge ? ring : merge;
 }
 
@@ -109,10 +118,12 @@ __global__ void __launch_bounds__(Config<D>::kThreads)
 
   // Lane r holds the page id of row r % 16 of a tile; the copy loop takes each row's id with a shuffle. It
   // is read one tile ahead of the copy, so the block-table latency hides behind a tile of math instead of
-  // stalling the copy issue.
+  // stalling the copy issue. The read is clamped to the table row, not to seq_len, so the first reads do not
+  // wait for seq_len's load: the two latencies overlap at CTA start. Ids past the sequence are never used.
+  const int last_token = p.max_pages * p.page_size - 1;
   auto fetch_page = [&](int i) {
-    const int tok = min(begin + (warp + i * C::kWarps) * kTileTokens + lane % kTileTokens, end - 1);
-    return i < my_tiles ? __ldg(table + (tok >> page_shift)) : 0;
+    const int tok = min(begin + (warp + i * C::kWarps) * kTileTokens + lane % kTileTokens, last_token);
+    return __ldg(table + (tok >> page_shift));
   };
   auto load_tile = [&](int i, int stage, int page_of_row) {
     const int tok0 = begin + (warp + i * C::kWarps) * kTileTokens;
@@ -127,8 +138,8 @@ __global__ void __launch_bounds__(Config<D>::kThreads)
       const bool valid = tok < end;
       const long long page = __shfl_sync(0xffffffffu, page_of_row, row);
       const long long off = ((page << page_shift) + (tok & (p.page_size - 1))) * token_stride + kvh * D + col;
-      ptx::cp_async_16(ks + row * C::kRow + col, kbase + (valid ? off : 0), valid);
-      ptx::cp_async_16(vs + row * C::kRow + col, vbase + (valid ? off : 0), valid);
+      ptx::cp_async_16<C::kL2Prefetch>(ks + row * C::kRow + col, kbase + (valid ? off : 0), valid);
+      ptx::cp_async_16<C::kL2Prefetch>(vs + row * C::kRow + col, vbase + (valid ? off : 0), valid);
     }
   };
 
@@ -147,9 +158,12 @@ __global__ void __launch_bounds__(Config<D>::kThreads)
 
   const float scale_log2 = p.scale * 1.4426950408889634f;
 
+  int first_pages[C::kStages - 1];  // issued before the loop below needs seq_len
+#pragma unroll
+  for (int s = 0; s < C::kStages - 1; ++s) first_pages[s] = fetch_page(s);
 #pragma unroll
   for (int s = 0; s < C::kStages - 1; ++s) {
-    if (s < my_tiles) load_tile(s, s, fetch_page(s));
+    if (s < my_tiles) load_tile(s, s, first_pages[s]);
     ptx::cp_async_commit();
   }
   int next_page = fetch_page(C::kStages - 1);
@@ -256,17 +270,15 @@ __global__ void __launch_bounds__(Config<D>::kThreads)
     l_run[r] += __shfl_xor_sync(0xffffffffu, l_run[r], 2);
   }
   __syncthreads();
-  float* mo = reinterpret_cast<float*>(smem_raw);  // [warps][M][D] partial O
-  float* ml = mo + C::kWarps * M * D;               // [warps][M][2]: m, l
+  float* mo = reinterpret_cast<float*>(smem_raw);     // [warps][M][kMergeRow] partial O
+  float* ml = mo + C::kWarps * M * C::kMergeRow;       // [warps][M][2]: m, l
 #pragma unroll
   for (int r = 0; r < R; ++r) {
     const int row = g + 8 * r;
-    float* dst = mo + (warp * M + row) * D;
+    float* dst = mo + (warp * M + row) * C::kMergeRow;
 #pragma unroll
-    for (int n = 0; n < NTILES; ++n) {
-      dst[n * 8 + tq * 2] = o[n][2 * r];
-      dst[n * 8 + tq * 2 + 1] = o[n][2 * r + 1];
-    }
+    for (int n = 0; n < NTILES; ++n)
+      *reinterpret_cast<float2*>(dst + n * 8 + tq * 2) = make_float2(o[n][2 * r], o[n][2 * r + 1]);
     if (tq == 0) {
       ml[(warp * M + row) * 2] = m_run[r];
       ml[(warp * M + row) * 2 + 1] = l_run[r];
@@ -287,7 +299,7 @@ __global__ void __launch_bounds__(Config<D>::kThreads)
       for (int w = 0; w < C::kWarps; ++w) {
         const float f = exp2f(ml[(w * M + row) * 2] - m_max);
         l_sum += ml[(w * M + row) * 2 + 1] * f;
-        acc += mo[(w * M + row) * D + d] * f;
+        acc += mo[(w * M + row) * C::kMergeRow + d] * f;
       }
     }
     const float val = l_sum > 0.f ? acc / l_sum : 0.f;

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from .decode_plan import DecodePlan, head_chunking, plan_decode, split_workspace
+from .decode_plan import CUDA_SPLITS, DecodePlan, head_chunking, plan_decode, split_workspace
 
 try:
     from . import _C
@@ -55,7 +55,7 @@ def _cached_plan(device_index: int, batch: int, heads: int, kv_heads: int, head_
     res = ext.decode_attention_info(dtype=_DTYPE_CODES[dtype], head_dim=head_dim, heads_per_chunk=heads_per_chunk)
     return plan_decode(batch=batch, kv_heads=kv_heads, group=group, max_context=max_context,
                        num_sms=res["num_sms"], ctas_per_sm=res["blocks_per_sm"],
-                       tile_tokens=ext.decode_attention_tile_tokens(), num_splits=num_splits)
+                       tile_tokens=ext.decode_attention_tile_tokens(), policy=CUDA_SPLITS, num_splits=num_splits)
 
 
 def decode_attention(q, k_cache, v_cache, block_table, seq_lens, scale, out, num_splits=None):

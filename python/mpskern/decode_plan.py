@@ -4,6 +4,11 @@ One CTA handles (sequence, KV head, head chunk, KV split). A decode step at smal
 too few (sequence, KV head) pairs to fill the GPU, so the context is split and the partial results merged by
 a combine step. Only host-known sizes are used (the block table's capacity, never seq_lens, which live on the
 device), so the plan is fixed for a CUDA graph.
+
+Splitting costs: the partials' write, the combine kernel and its launch take 8 to 13 us per call on H100.
+How many CTAs a kernel needs to stream KV at its full rate is measured per kernel (BENCHMARKS.md) and kept
+in its SplitPolicy: the CUDA kernel keeps its full rate with one CTA per SM (3B shapes, 128 unsplit CTAs:
+53 us for 134 MB, on the same time-vs-bytes line as 1024 CTAs); the Triton kernel needs about two.
 """
 from __future__ import annotations
 
@@ -14,7 +19,19 @@ import torch
 
 MAX_HEADS_PER_CTA = 16  # the query-head tile of one CTA (the M dimension of the tensor-core tile)
 MIN_TOKENS_PER_SPLIT = 256  # below this the combine traffic and per-CTA start-up stop paying off
-WAVES = 2  # aim for at least this many CTA waves so the tail wave is a small fraction
+
+
+@dataclass(frozen=True)
+class SplitPolicy:
+    unsplit_ctas_per_sm: float  # an unsplit grid with at least this many CTAs per SM is left unsplit
+    waves: int  # otherwise split until the grid fills this many waves of CTA slots
+
+
+# Measured on H100 at the benchmark shapes (3B unless said). CUDA at 64 x 8192 (128 CTAs): unsplit 190 us
+# vs split 200; at 8 x 32768 two waves beat one (107 vs 113 us). Triton at 64 x 8192: unsplit 237 us, one
+# wave of splits 212, two 193; but unsplit wins at 256 CTAs (7B 64 x 8192: 371 vs 381 us).
+CUDA_SPLITS = SplitPolicy(unsplit_ctas_per_sm=0.8, waves=2)
+TRITON_SPLITS = SplitPolicy(unsplit_ctas_per_sm=1.5, waves=2)
 
 
 @dataclass(frozen=True)
@@ -44,6 +61,7 @@ def plan_decode(
     num_sms: int,
     ctas_per_sm: int,
     tile_tokens: int,
+    policy: SplitPolicy,
     num_splits: int | None = None,
 ) -> DecodePlan:
     """Choose the KV split for a launch. ``num_splits`` forces a split count (tests, tuning)."""
@@ -51,9 +69,11 @@ def plan_decode(
     max_context = max(max_context, 1)
     if num_splits is None:
         base = batch * kv_heads * head_chunks
-        slots = num_sms * max(ctas_per_sm, 1)
-        wanted = math.ceil(WAVES * slots / base)
-        num_splits = max(1, min(wanted, max_context // MIN_TOKENS_PER_SPLIT))
+        if base >= policy.unsplit_ctas_per_sm * num_sms:
+            num_splits = 1
+        else:
+            wanted = math.ceil(policy.waves * num_sms * max(ctas_per_sm, 1) / base)
+            num_splits = max(1, min(wanted, max_context // MIN_TOKENS_PER_SPLIT))
     if num_splits < 1:
         raise ValueError(f"num_splits must be >= 1; got {num_splits}")
     tokens = math.ceil(math.ceil(max_context / num_splits) / tile_tokens) * tile_tokens

@@ -63,8 +63,10 @@ def layout_lanes(workload: Any, clients: int, *, kernels: Sequence[str] | None =
 
     Client i runs ``kernels[i % len(kernels)]`` (default: the workload's kernel). With ``split`` the batch of
     each kernel is divided among the clients running it. Each kernel's reference is the stream with the full
-    batch and no thread limit; a shared client identical to it is reused as the reference, otherwise an extra
-    lane (its own process) is added, so a reference never runs with a partitioned SM share.
+    batch and no thread limit. A shared client identical to it is measured alone as its own reference (STP
+    divides each client by its own alone throughput, so a process that happens to run faster or slower, e.g.
+    from where its buffers landed, does not move the gain); the other clients share an extra reference lane
+    (its own process), so a reference never runs with a partitioned SM share.
     """
     if not 1 <= clients <= MAX_CLIENTS:
         raise ConfigError(f"--clients must be in 1..{MAX_CLIENTS}; got {clients}")
@@ -104,15 +106,18 @@ def layout_lanes(workload: Any, clients: int, *, kernels: Sequence[str] | None =
     reference_of: dict[int, int] = {}
     for kernel in dict.fromkeys(kernels):
         ref_workload = dataclasses.replace(workload, kernel=kernel)
-        ref = next((lane.index for lane in lanes if lane.role == "shared" and lane.workload == ref_workload
-                    and lane.thread_pct is None), None)
-        if ref is None:
-            ref = len(lanes)
-            lanes.append(LaneSpec(index=ref, role="reference", workload=ref_workload, launch=launch,
-                                  seed=ref, in_flight=in_flight))
+        extra: int | None = None
         for i in range(clients):
-            if kernel_of[i] == kernel:
-                reference_of[i] = ref
+            if kernel_of[i] != kernel:
+                continue
+            if lanes[i].workload == ref_workload and lanes[i].thread_pct is None:
+                reference_of[i] = i  # its own reference: a process's placement luck cancels out of the ratio
+                continue
+            if extra is None:
+                extra = len(lanes)
+                lanes.append(LaneSpec(index=extra, role="reference", workload=ref_workload, launch=launch,
+                                      seed=extra, in_flight=in_flight))
+            reference_of[i] = extra
     return Layout(tuple(lanes), tuple(range(clients)), reference_of, fault_client)
 
 

@@ -293,13 +293,14 @@ def format_table(record: dict) -> str:
         lines.append(" ".join(cells))
         if len(alone) > 1:
             kinds = {str(lane["index"]): lane["workload"]["kernel"] for lane in run["lanes"]}
-            notes.append(f"{mode}: thr 1 per stream: "
-                         + ", ".join(f"{kinds.get(ref, ref)} {_rate(_med(v))}" for ref, v in alone.items()))
+            notes.append(f"{mode}: thr 1 of each reference: "
+                         + ", ".join(f"lane {ref} {kinds.get(ref, '?')} {_rate(_med(v))}" for ref, v in alone.items()))
         if not gpm_shared.get("supported"):
             notes.append(f"{mode}: GPM n/a: {gpm_shared.get('reason')}")
         notes.extend(f"{mode}: {line}" for line in _kernel_lines(run))
     lines.append("")
-    lines.append("thr: tokens/s (thr N: all clients); gain = STP - 1, median (range) over trials; "
+    lines.append("thr: tokens/s (thr 1: client 0 alone; thr N: all clients); gain = STP - 1 (each client over its own "
+                 "alone run), median (range) over trials; "
                  "lat x: time per step shared / alone;")
     lines.append("SM, occupancy, DRAM and tensor %: GPM averages over the 1-client / N-client windows")
     return "\n".join(lines + notes)

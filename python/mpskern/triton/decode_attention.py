@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..decode_plan import MAX_HEADS_PER_CTA, DecodePlan, plan_decode, split_workspace
+from ..decode_plan import MAX_HEADS_PER_CTA, TRITON_SPLITS, DecodePlan, plan_decode, split_workspace
 
 # ---------------------------------------------------------------------------------------------------------
 # Tunables, per head_dim. BLOCK_N is the KV tile (tokens per loop step) and the split granularity: the
@@ -199,7 +199,7 @@ def launch_plan(batch: int, heads: int, kv_heads: int, head_dim: int, max_contex
     return plan_decode(
         batch=batch, kv_heads=kv_heads, group=heads // kv_heads, max_context=max_context,
         num_sms=_num_sms(device), ctas_per_sm=CONFIGS[head_dim].ctas_per_sm,
-        tile_tokens=CONFIGS[head_dim].block_n, num_splits=num_splits,
+        tile_tokens=CONFIGS[head_dim].block_n, policy=TRITON_SPLITS, num_splits=num_splits,
     )
 
 
