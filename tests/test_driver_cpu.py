@@ -162,6 +162,14 @@ def test_replicated_run_measures_each_trial_in_alternating_order():
     assert_gone(record)
 
 
+def test_clients_build_their_streams_one_after_another():
+    record = run(driver.layout_lanes(FakeWorkload(build_s=0.3), 3), trials=1)
+    assert record["status"] == "ok", record["error"]
+    built = sorted(lane["built"] for lane in record["lanes"])
+    assert all(end - start >= 0.3 for start, end in built)
+    assert all(earlier[1] <= later[0] for earlier, later in zip(built, built[1:])), built
+
+
 def test_split_run_compares_with_the_full_batch_reference():
     # step = 2 ms + 50 us per sequence: full batch 64 -> 5.2 ms; 32 -> 3.6 ms. Expected gain 2*(32/3.6)/(64/5.2)-1
     layout = driver.layout_lanes(FakeWorkload(batch=64, step_s=0.002, per_token_s=5e-5), 2, split=True)

@@ -132,7 +132,7 @@ def client_main(conn: Connection, specs: list[LaneSpec], factory: LaneFactory | 
     """Entry point of a spawned client process.
 
     Messages to the driver: ("ready", info) | ("result", window) | ("error", {"stage", "message"}).
-    From the driver: ("window", {"lanes", "deadline", "fault"}) | ("stop", None).
+    From the driver: ("build", None), once, first | ("window", {"lanes", "deadline", "fault"}) | ("stop", None).
     """
     # The driver owns shutdown: Ctrl-C in the terminal reaches the whole process group, and a client that
     # died of it would look like a failed measurement.
@@ -140,12 +140,14 @@ def client_main(conn: Connection, specs: list[LaneSpec], factory: LaneFactory | 
     for spec in specs:  # before any CUDA call: MPS reads its environment when the context is created
         _apply_env(spec.env)
     try:
+        build = resolve_factory(factory)  # the imports run in parallel with the other clients'
+        if not _wait_for_build(conn):
+            return
         started = time.monotonic()
-        build = resolve_factory(factory)
         lanes = [build(spec) for spec in specs]
         for lane in lanes:
             lane.prepare()
-        info = {"pid": os.getpid(), "startup_s": time.monotonic() - started,
+        info = {"pid": os.getpid(), "built": [started, time.monotonic()],  # system-wide monotonic clock
                 "lanes": [lane.describe() for lane in lanes]}
     except BaseException as exc:
         _send(conn, ("error", {"stage": "start-up", "message": one_line(exc), "trace": traceback.format_exc()}))
@@ -169,6 +171,15 @@ def client_main(conn: Connection, specs: list[LaneSpec], factory: LaneFactory | 
             return
         result["pid"] = os.getpid()
         _send(conn, ("result", result))
+
+
+def _wait_for_build(conn: Connection) -> bool:
+    """Block until the driver says it is this client's turn to allocate and capture (False: it is gone)."""
+    try:
+        kind, _ = conn.recv()
+    except (EOFError, OSError):
+        return False
+    return kind == "build"
 
 
 def _send(conn: Connection, message: tuple) -> None:

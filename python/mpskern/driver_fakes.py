@@ -27,6 +27,7 @@ class FakeWorkload:
     batch: int = 64
     step_s: float = 0.002  # fixed cost of a step
     per_token_s: float = 0.0  # plus this per sequence (so --split makes steps cheaper)
+    build_s: float = 0.0  # time to build the lane (allocation and capture in a real one)
     attach: bool = True  # register with a (fake) MPS daemon when one is configured
     die_at: str | None = None  # "start-up" | "window": os._exit(3) there
     hang_at: str | None = None  # "start-up" | "window": block forever there
@@ -51,6 +52,7 @@ class FakeLane:
         self.w: FakeWorkload = spec.workload
         self.faulted = False
         self._register()
+        time.sleep(self.w.build_s)
         _misbehave(self.w, "start-up")
 
     def _register(self) -> None:

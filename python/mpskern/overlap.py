@@ -108,7 +108,7 @@ def build_parser(prog: str = "mpskern overlap") -> argparse.ArgumentParser:
                         "mps mode only; the 1-client reference always runs unrestricted")
     t = p.add_argument_group("launch and timing")
     t.add_argument("--launch", default="graph", choices=driver.LAUNCHES, help="CUDA-graph replay or eager launch")
-    t.add_argument("--trials", type=int, default=3, help="trials, each a 1-client and an N-client window")
+    t.add_argument("--trials", type=int, default=3, help="trials, each: every client alone, then all together")
     t.add_argument("--duration", type=float, default=2.0, help="seconds per measurement window")
     t.add_argument("--warmup", type=float, default=0.5, help="seconds of one unrecorded window of each kind")
     t.add_argument("--in-flight", type=int, default=3, help="steps a client keeps queued on the GPU")
