@@ -17,9 +17,9 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from mpskern import ops
 from mpskern.models import get_model
-from mpskern.paged_kv import make_paged_kv
+from mpskern.paged_kv import contiguous_decode_inputs, decode_inputs
 from mpskern.reference import sdpa_decode_contiguous
-from mpskern.timing import time_per_call_ms
+from mpskern.timing import rotating, time_per_call_ms
 
 MODELS = ["Qwen2.5-0.5B", "Qwen2.5-3B", "Qwen2.5-7B"]
 POINTS = [(1024, 512), (256, 2048), (64, 8192), (8, 32768)]
@@ -33,34 +33,13 @@ def kv_bytes(model, batch, ctx) -> int:
 
 
 def paged_sets(model, batch, ctx):
-    sets = []
-    for i in range(SETS):
-        torch.manual_seed(i)
-        kv = make_paged_kv([ctx] * batch, model.kv_heads, model.head_dim, page_size=16)
-        q = torch.randn(batch, model.heads, model.head_dim, device="cuda", dtype=torch.bfloat16)
-        sets.append((q, kv, torch.empty_like(q)))
-    return sets
-
-
-def rotating(calls):
-    state = {"i": 0}
-
-    def run():
-        calls[state["i"] % len(calls)]()
-        state["i"] += 1
-
-    return run
+    return [decode_inputs(batch, ctx, model.heads, model.kv_heads, model.head_dim, seed=i) for i in range(SETS)]
 
 
 def sdpa_baselines(model, batch, ctx) -> dict:
     """Per-call ms of SDPA over contiguous [B, KVH, ctx, D] KV: default dispatch, plus flash and cuDNN."""
-    sets = []
-    for i in range(SETS):
-        torch.manual_seed(100 + i)
-        k = torch.randn(batch, model.kv_heads, ctx, model.head_dim, device="cuda", dtype=torch.bfloat16)
-        v = torch.randn_like(k)
-        q = torch.randn(batch, model.heads, model.head_dim, device="cuda", dtype=torch.bfloat16)
-        sets.append((q, k, v))
+    sets = [contiguous_decode_inputs(batch, ctx, model.heads, model.kv_heads, model.head_dim, seed=100 + i)
+            for i in range(SETS)]
     fns = [lambda s=s: sdpa_decode_contiguous(*s) for s in sets]
     res = {"sdpa_default_ms": statistics.median(time_per_call_ms(rotating(fns), calls=CALLS))}
     for name, backend in (("sdpa_flash_ms", SDPBackend.FLASH_ATTENTION), ("sdpa_cudnn_ms", SDPBackend.CUDNN_ATTENTION)):

@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from mpskern import ops
+from mpskern.reference import gate_up_act_fp64, rmsnorm_fp64, rope_fp64
 
 
 
@@ -16,40 +16,6 @@ pytestmark = pytest.mark.interpreter
 
 
 SMALL_BACKENDS = ["triton", "torch"]
-
-
-# -- references ----------------------------------------------------------------------------------------
-
-
-def ref_rmsnorm(x, weight, eps, residual=None):
-    """fp64 RMSNorm; with a residual the sum is rounded to the storage dtype first (the op's contract)."""
-    if residual is not None:
-        x = (x.double() + residual.double()).to(x.dtype)
-    xd = x.double()
-    return xd * torch.rsqrt(xd.pow(2).mean(-1, keepdim=True) + eps) * weight.double()
-
-
-def ref_rope(x, positions, cos_sin_cache):
-    """fp64 neox rotate-half: x [T, heads, D]."""
-    half = x.shape[-1] // 2
-    cs = cos_sin_cache.double()[positions.long()]
-    cos, sin = cs[:, None, :half], cs[:, None, half:]
-    x1, x2 = x.double()[..., :half], x.double()[..., half:]
-    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
-
-
-def make_cos_sin(max_pos, d, dtype=torch.float32):
-    inv = 10000.0 ** (-torch.arange(0, d, 2, dtype=torch.float64) / d)
-    f = torch.outer(torch.arange(max_pos, dtype=torch.float64), inv)
-    return torch.cat((f.cos(), f.sin()), dim=-1).to(dtype)
-
-
-def ref_gate_up_act(x, w, act):
-    inter = w.shape[0] // 2
-    y = x.double() @ w.double().t()
-    gate, up = y[:, :inter], y[:, inter:]
-    g = F.silu(gate) if act == "silu" else F.gelu(gate, approximate="tanh")
-    return g * up
 
 
 TOL = {torch.float16: dict(rtol=1e-2, atol=1e-2), torch.bfloat16: dict(rtol=2e-2, atol=2e-2)}
@@ -71,7 +37,7 @@ def test_rmsnorm(backend, tokens, hidden, with_residual):
     out = torch.full((tokens, hidden), float("nan"), dtype=dt)
     got = ops.rmsnorm(x, w, 1e-6, residual=residual, out=out, backend=backend)
     assert got is out
-    ref = ref_rmsnorm(x, w, 1e-6, res_in)
+    ref = rmsnorm_fp64(x, w, 1e-6, res_in)
     torch.testing.assert_close(got.double(), ref, **TOL[dt])
     if with_residual:  # residual += x, rounded to fp16
         torch.testing.assert_close(residual, (x.float() + res_in.float()).half(), rtol=0, atol=0)
@@ -84,11 +50,11 @@ def test_rmsnorm_strided_and_in_place(backend):
     base = torch.randn(7, 300, dtype=torch.float16)
     x = base[:, 10:266]  # row stride 300, last dim contiguous
     w = torch.randn(256, dtype=torch.float16)
-    ref = ref_rmsnorm(x, w, 1e-5)
+    ref = rmsnorm_fp64(x, w, 1e-5)
     got = ops.rmsnorm(x, w, 1e-5, backend=backend)
     torch.testing.assert_close(got.double(), ref, **TOL[torch.float16])
     y = torch.randn(4, 128, dtype=torch.float16)
-    ref = ref_rmsnorm(y, w[:128], 1e-6)
+    ref = rmsnorm_fp64(y, w[:128], 1e-6)
     ops.rmsnorm(y, w[:128].contiguous(), out=y, backend=backend)
     torch.testing.assert_close(y.double(), ref, **TOL[torch.float16])
 
@@ -141,7 +107,7 @@ def _rope_case(t, h, kvh, d, page_size, num_pages, seed, pos_dtype=torch.int64, 
     max_pos = 2048
     positions = torch.randint(0, max_pos, (t,), generator=g).to(pos_dtype)
     slots = torch.randperm(num_pages * page_size, generator=g)[:t].to(torch.int32)
-    cos_sin = make_cos_sin(max_pos, d, cs_dtype)
+    cos_sin = ops.rope_cos_sin_cache(max_pos, d, dtype=cs_dtype)
     return qkv, positions, slots, cos_sin
 
 
@@ -169,7 +135,7 @@ def test_rope_kv_append(backend, t, h, kvh, d, page_size, pos_dtype):
     v_cache = torch.full_like(k_cache, float("nan"))
     ops.rope_kv_append(q, k, v, positions, cos_sin, k_cache, v_cache, slots, backend=backend)
     tol = TOL[torch.float16]
-    q_ref, k_ref = ref_rope(q0, positions, cos_sin), ref_rope(k0, positions, cos_sin)
+    q_ref, k_ref = rope_fp64(q0, positions, cos_sin), rope_fp64(k0, positions, cos_sin)
     torch.testing.assert_close(q.double(), q_ref, **tol)
     torch.testing.assert_close(k.double(), k_ref, **tol)
     assert torch.equal(v, v0)
@@ -190,7 +156,7 @@ def test_rope_fp16_cos_sin_cache(backend):
     q0 = q.clone()
     kc = torch.zeros(2, 16, kvh, d, dtype=torch.float16)
     ops.rope_kv_append(q, k, v, positions, cos_sin, kc, torch.zeros_like(kc), slots, backend=backend)
-    torch.testing.assert_close(q.double(), ref_rope(q0, positions, cos_sin), **TOL[torch.float16])
+    torch.testing.assert_close(q.double(), rope_fp64(q0, positions, cos_sin), **TOL[torch.float16])
 
 
 def test_rope_fusion_levels_agree():
@@ -265,7 +231,7 @@ def test_mlp_ops_torch(dt, act, tokens, hidden, inter):
     w_gu = (torch.randn(2 * inter, hidden) * hidden**-0.5).to(dt)
     w_d = (torch.randn(hidden, inter) * inter**-0.5).to(dt)
     tol = TOL[dt]
-    mid_ref = ref_gate_up_act(x, w_gu, act)
+    mid_ref = gate_up_act_fp64(x, w_gu, act)
     out = torch.full((tokens, inter), float("nan"), dtype=dt)
     mid = ops.gate_up_act(x, w_gu, act, out=out)
     assert mid is out

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from conftest import rel_err
 from mpskern import ops
+from mpskern.reference import gate_up_act_fp64, rmsnorm_fp64, rope_fp64
 
 pytestmark = pytest.mark.gpu
 
@@ -30,27 +30,6 @@ def capture(fn):
     return graph
 
 
-def ref_rmsnorm(x, w, eps, residual=None):
-    if residual is not None:
-        x = (x.double() + residual.double()).to(x.dtype)
-    xd = x.double()
-    return xd * torch.rsqrt(xd.pow(2).mean(-1, keepdim=True) + eps) * w.double()
-
-
-def ref_rope(x, positions, cos_sin):
-    half = x.shape[-1] // 2
-    cs = cos_sin.double()[positions.long()]
-    cos, sin = cs[:, None, :half], cs[:, None, half:]
-    x1, x2 = x.double()[..., :half], x.double()[..., half:]
-    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
-
-
-def cos_sin_cache(max_pos, d):
-    inv = 1e6 ** (-torch.arange(0, d, 2, dtype=torch.float64, device="cuda") / d)
-    f = torch.outer(torch.arange(max_pos, dtype=torch.float64, device="cuda"), inv)
-    return torch.cat((f.cos(), f.sin()), dim=-1).float()
-
-
 # -- RMSNorm -------------------------------------------------------------------------------------------
 
 
@@ -66,7 +45,7 @@ def test_rmsnorm(dtype, backend, tokens, hidden, with_residual):
     res0 = residual.clone() if with_residual else None
     out = torch.full_like(x, float("nan"))
     ops.rmsnorm(x, w, 1e-6, residual=residual, out=out, backend=backend)
-    torch.testing.assert_close(out.double(), ref_rmsnorm(x, w, 1e-6, res0), **TOL[dtype])
+    torch.testing.assert_close(out.double(), rmsnorm_fp64(x, w, 1e-6, res0), **TOL[dtype])
     if with_residual:
         torch.testing.assert_close(residual, (x.float() + res0.float()).to(dtype), rtol=0, atol=0)
 
@@ -87,7 +66,7 @@ def test_rmsnorm_graph(dtype, backend):
         out.fill_(float("nan"))
         graph.replay()
         torch.cuda.synchronize()
-        torch.testing.assert_close(out.double(), ref_rmsnorm(x, w, 1e-6, res0), **TOL[dtype])
+        torch.testing.assert_close(out.double(), rmsnorm_fp64(x, w, 1e-6, res0), **TOL[dtype])
 
 
 # -- rotary embedding + KV-cache append ----------------------------------------------------------------
@@ -114,8 +93,8 @@ def views(qkv, h, kvh, d):
 def check_rope(qkv0, qkv, positions, cs, slots, k_cache, v_cache, h, kvh, d, dtype):
     q0, k0, v0 = views(qkv0, h, kvh, d)
     q, k, v = views(qkv, h, kvh, d)
-    k_ref = ref_rope(k0, positions, cs)
-    torch.testing.assert_close(q.double(), ref_rope(q0, positions, cs), **TOL[dtype])
+    k_ref = rope_fp64(k0, positions, cs)
+    torch.testing.assert_close(q.double(), rope_fp64(q0, positions, cs), **TOL[dtype])
     torch.testing.assert_close(k.double(), k_ref, **TOL[dtype])
     assert torch.equal(v, v0)
     flat_k, flat_v = k_cache.view(-1, kvh, d), v_cache.view(-1, kvh, d)
@@ -133,7 +112,7 @@ def check_rope(qkv0, qkv, positions, cs, slots, k_cache, v_cache, h, kvh, d, dty
 def test_rope_kv_append(dtype, backend, hkd, t, page_size):
     h, kvh, d = hkd
     qkv, positions, slots, k_cache, v_cache = rope_case(t, h, kvh, d, page_size, dtype, t + d)
-    cs = cos_sin_cache(4096, d)
+    cs = ops.rope_cos_sin_cache(4096, d, theta=1e6, device="cuda")
     qkv0 = qkv.clone()
     ops.rope_kv_append(*views(qkv, h, kvh, d), positions, cs, k_cache, v_cache, slots, backend=backend)
     check_rope(qkv0, qkv, positions, cs, slots, k_cache, v_cache, h, kvh, d, dtype)
@@ -144,7 +123,7 @@ def test_rope_kv_append(dtype, backend, hkd, t, page_size):
 def test_rope_kv_append_graph(dtype, backend):
     h, kvh, d, t = 14, 2, 64, 64
     qkv, positions, slots, k_cache, v_cache = rope_case(t, h, kvh, d, 16, dtype, 1)
-    cs = cos_sin_cache(4096, d)
+    cs = ops.rope_cos_sin_cache(4096, d, theta=1e6, device="cuda")
     graph = capture(lambda: ops.rope_kv_append(*views(qkv, h, kvh, d), positions, cs, k_cache, v_cache, slots,
                                                backend=backend))
     for seed in range(2):
@@ -172,7 +151,7 @@ def test_fusion_levels_agree():
     assert rel_err(a, b) < 5e-3
     h, kvh, d = 16, 2, 128
     qkv, positions, slots, kc, vc = rope_case(256, h, kvh, d, 16, torch.bfloat16, 3)
-    cs = cos_sin_cache(4096, d)
+    cs = ops.rope_cos_sin_cache(4096, d, theta=1e6, device="cuda")
     outs = []
     for backend in SMALL_BACKENDS:
         buf, kc_b, vc_b = qkv.clone(), kc.clone(), vc.clone()
@@ -185,13 +164,6 @@ def test_fusion_levels_agree():
 # -- MLP ops (torch backend) ---------------------------------------------------------------------------
 
 
-def ref_gate_up_act(x, w, act):
-    inter = w.shape[0] // 2
-    y = x.double() @ w.double().t()
-    g = F.silu(y[:, :inter]) if act == "silu" else F.gelu(y[:, :inter], approximate="tanh")
-    return g * y[:, inter:]
-
-
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("act", ["silu", "gelu_tanh"])
 @pytest.mark.parametrize("tokens,hidden,inter", [(1, 896, 4864), (97, 1536, 8960), (256, 2560, 10240)])
@@ -202,7 +174,7 @@ def test_mlp_ops(dtype, act, tokens, hidden, inter):
     w_d = (torch.randn(hidden, inter, device="cuda") * inter**-0.5).to(dtype)
     mid = torch.full((tokens, inter), float("nan"), device="cuda", dtype=dtype)
     ops.gate_up_act(x, w_gu, act, out=mid)
-    mid_ref = ref_gate_up_act(x, w_gu, act)
+    mid_ref = gate_up_act_fp64(x, w_gu, act)
     assert rel_err(mid, mid_ref) < 1e-2
     assert rel_err(ops.linear(x, w_gu), x.double() @ w_gu.double().t()) < 1e-2
     y = torch.full_like(x, float("nan"))
@@ -231,7 +203,7 @@ def test_mlp_ops_graph(dtype):
         t.fill_(float("nan"))
     graph.replay()
     torch.cuda.synchronize()
-    mid_ref = ref_gate_up_act(x, w_gu, "silu")
+    mid_ref = gate_up_act_fp64(x, w_gu, "silu")
     assert rel_err(mid, mid_ref) < 1e-2
     assert rel_err(lin, x.double() @ w_gu.double().t()) < 1e-2
     assert rel_err(y, mid_ref @ w_d.double().t()) < 1e-2

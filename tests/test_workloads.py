@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from mpskern import checks
 from mpskern.models import PRESETS, custom_model
-from mpskern.reference import decode_attention_dense
+from mpskern.reference import decode_attention_dense, rmsnorm_fp64, rope_fp64
 from mpskern.workloads import DEFAULT_L2_BYTES, KERNELS, PHASES, WorkloadConfig, build_stream, plan, validate
 
 
@@ -287,17 +287,6 @@ def test_fused_falls_back_to_torch_without_a_gpu(monkeypatch):
     assert set(s.op_backends.values()) == {"torch"}
 
 
-def _rms(x, w, eps=1e-6):
-    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w.double()
-
-
-def _rope(x, pos, cos_sin):
-    half = x.shape[-1] // 2
-    cs = cos_sin.double()[pos.long()]
-    cos, sin = cs[:, None, :half], cs[:, None, half:]
-    return torch.cat((x[..., :half] * cos - x[..., half:] * sin, x[..., half:] * cos + x[..., :half] * sin), -1)
-
-
 def ref_layer(s, layer, h, res, tol):
     """One decoder layer of stream ``s`` in fp64 from its own buffers, rounding to the stream's dtype where
     the stream stores a tensor. Checks the KV append on the way (caches are read after the stream's step).
@@ -309,12 +298,12 @@ def ref_layer(s, layer, h, res, tol):
         return x.to(dt).double()
 
     res = rnd(res + h)
-    qkv = rnd(rnd(_rms(res, layer.w_input_norm)) @ layer.w_qkv.double().t())
+    qkv = rnd(rnd(rmsnorm_fp64(res, layer.w_input_norm, 1e-6)) @ layer.w_qkv.double().t())
     t = qkv.shape[0]
     q = qkv[:, :m.q_size].reshape(t, m.heads, m.head_dim)
     k = qkv[:, m.q_size:m.q_size + m.kv_size].reshape(t, m.kv_heads, m.head_dim)
     v = qkv[:, m.q_size + m.kv_size:].reshape(t, m.kv_heads, m.head_dim)
-    q, k = rnd(_rope(q, s.positions, s.cos_sin_cache)), rnd(_rope(k, s.positions, s.cos_sin_cache))
+    q, k = rnd(rope_fp64(q, s.positions, s.cos_sin_cache)), rnd(rope_fp64(k, s.positions, s.cos_sin_cache))
     flat_k = layer.k_cache.view(-1, m.kv_heads, m.head_dim)
     torch.testing.assert_close(flat_k[s.slot_mapping.long()].double(), k, **tol)
     if cfg.phase == "decode":
@@ -329,7 +318,7 @@ def ref_layer(s, layer, h, res, tol):
         attn = F.scaled_dot_product_attention(heads_first(q), heads_first(k), heads_first(v), is_causal=True,
                                               enable_gqa=True).transpose(1, 2)
     res = rnd(res + rnd(rnd(attn.reshape(t, m.q_size)) @ layer.w_o.double().t()))
-    gu = rnd(_rms(res, layer.w_post_norm)) @ layer.w_gate_up.double().t()
+    gu = rnd(rmsnorm_fp64(res, layer.w_post_norm, 1e-6)) @ layer.w_gate_up.double().t()
     gate = gu[:, :m.intermediate]
     act = F.silu(gate) if m.act == "silu" else F.gelu(gate, approximate="tanh")
     mid = rnd(act * gu[:, m.intermediate:])

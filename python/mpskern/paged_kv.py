@@ -48,3 +48,23 @@ def make_paged_kv(
         start += n
     lens = torch.tensor(seq_lens, dtype=torch.int32)
     return PagedKV(k_cache, v_cache, table.to(device), lens.to(device))
+
+
+def decode_inputs(batch: int, ctx: int, heads: int, kv_heads: int, head_dim: int, *, page_size: int = 16,
+                  seed: int = 0, dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cuda"
+                  ) -> tuple[torch.Tensor, PagedKV, torch.Tensor]:
+    """A decode step's (q, paged KV, out) with every sequence at ``ctx`` tokens: benchmark and probe inputs."""
+    torch.manual_seed(seed)
+    kv = make_paged_kv([ctx] * batch, kv_heads, head_dim, page_size=page_size, dtype=dtype, device=device)
+    q = torch.randn(batch, heads, head_dim, device=device, dtype=dtype)
+    return q, kv, torch.empty_like(q)
+
+
+def contiguous_decode_inputs(batch: int, ctx: int, heads: int, kv_heads: int, head_dim: int, *, seed: int = 0,
+                             dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cuda"
+                             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The same step for SDPA with contiguous KV: (q ``[B, H, D]``, k, v ``[B, KVH, ctx, D]``)."""
+    torch.manual_seed(seed)
+    k = torch.randn(batch, kv_heads, ctx, head_dim, device=device, dtype=dtype)
+    v = torch.randn_like(k)
+    return torch.randn(batch, heads, head_dim, device=device, dtype=dtype), k, v

@@ -71,3 +71,31 @@ def decode_attention_dense(q, k_cache, v_cache, block_table, seq_lens, scale=Non
     s = s.masked_fill(~valid[:, None, None, :], float("-inf"))
     p = torch.softmax(s, dim=-1).nan_to_num(0.0)  # all-masked rows (length 0) -> zeros
     return torch.einsum("bkgl,bkld->bkgd", p, v).reshape(b, h, d)
+
+
+# -- fp64 references of the layer ops ------------------------------------------------------------------------
+
+def rmsnorm_fp64(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
+                 ) -> torch.Tensor:
+    """RMSNorm in fp64; with a residual the sum is rounded to x's dtype first (the op's contract)."""
+    if residual is not None:
+        x = (x.double() + residual.double()).to(x.dtype)
+    xd = x.double()
+    return xd * torch.rsqrt(xd.pow(2).mean(-1, keepdim=True) + eps) * weight.double()
+
+
+def rope_fp64(x: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.Tensor) -> torch.Tensor:
+    """Neox rotate-half in fp64 of x ``[T, heads, D]`` (cos in the first D/2 cache columns, sin in the rest)."""
+    half = x.shape[-1] // 2
+    cs = cos_sin_cache.double()[positions.long()]
+    cos, sin = cs[:, None, :half], cs[:, None, half:]
+    x1, x2 = x.double()[..., :half], x.double()[..., half:]
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+
+def gate_up_act_fp64(x: torch.Tensor, w_gate_up: torch.Tensor, act: str) -> torch.Tensor:
+    """``act(x @ w_gate.T) * (x @ w_up.T)`` in fp64 (rows [0, I) of w_gate_up the gate, [I, 2I) the up)."""
+    inter = w_gate_up.shape[0] // 2
+    y = x.double() @ w_gate_up.double().t()
+    gate = F.silu(y[:, :inter]) if act == "silu" else F.gelu(y[:, :inter], approximate="tanh")
+    return gate * y[:, inter:]

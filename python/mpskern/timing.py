@@ -40,6 +40,19 @@ def time_per_call_ms(fn: Callable[[], object], *, calls: int = 20, rounds: int =
     return times
 
 
+def rotating(calls: list[Callable[[], object]]) -> Callable[[], object]:
+    """One callable that runs ``calls`` in turn, so back-to-back timed calls walk through several buffer sets
+    and none of them is served from L2."""
+    state = {"i": 0}
+
+    def run() -> object:
+        result = calls[state["i"] % len(calls)]()
+        state["i"] += 1
+        return result
+
+    return run
+
+
 def median_ms(fn: Callable[[], object], **kw) -> float:
     return statistics.median(time_per_call_ms(fn, **kw))
 

@@ -32,15 +32,23 @@ def _device_ok(name: str, t: torch.Tensor, backend: str) -> None:
         checks.cuda_device(name, t, backend)
 
 
-def _check_out(out, like_dtype: torch.dtype, shape: tuple, layout: str, dense: bool = False) -> torch.Tensor | None:
-    """``dense``: the GEMM ops want a contiguous ``out`` (cuBLAS would otherwise write a temporary and copy)."""
+def _out(out, like: torch.Tensor, shape: tuple, layout: str, dense: bool = False) -> torch.Tensor:
+    """The checked ``out``, or a new contiguous one with ``like``'s dtype and device. ``dense``: the GEMM ops
+    want a contiguous ``out`` (cuBLAS would otherwise write a temporary and copy)."""
     if out is None:
-        return None
+        return torch.empty(shape, dtype=like.dtype, device=like.device)
     out = checks.tensor("out", out)
-    checks.dtype("out", out, (like_dtype,))
+    checks.dtype("out", out, (like.dtype,))
     checks.shape("out", out, shape, layout)
     (checks.contiguous if dense else checks.last_dim_contiguous)("out", out)
     return out
+
+
+def _intermediate(w_gate_up: torch.Tensor) -> int:
+    """I of a fused ``[2I, K]`` gate/up weight."""
+    if w_gate_up.shape[0] % 2:
+        raise ValueError(f"w_gate_up must have an even number of rows [2 * intermediate]; got {w_gate_up.shape[0]}")
+    return w_gate_up.shape[0] // 2
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -85,13 +93,9 @@ def rmsnorm(
         checks.shape("residual", residual, (t, hidden), "[tokens, hidden]")
         checks.last_dim_contiguous("residual", residual)
         named["residual"] = residual
-    out = _check_out(out, x.dtype, (t, hidden), "[tokens, hidden]")
-    if out is not None:
-        named["out"] = out
+    named["out"] = out = _out(out, x, (t, hidden), "[tokens, hidden]")
     checks.same_device(named)
     _device_ok("x", x, backend)
-    if out is None:
-        out = torch.empty((t, hidden), dtype=x.dtype, device=x.device)
     return impl(x, weight, float(eps), residual, out)
 
 
@@ -109,6 +113,15 @@ def _rmsnorm_torch(x, weight, eps, residual, out):
 # ---------------------------------------------------------------------------------------------------------
 # Rotary embedding + KV-cache append
 # ---------------------------------------------------------------------------------------------------------
+
+
+def rope_cos_sin_cache(max_pos: int, head_dim: int, *, theta: float = 10000.0, device: torch.device | str = "cpu",
+                       dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The ``cos_sin_cache`` rope_kv_append takes: ``[max_pos, head_dim]``, cos of position * theta^(-2i/D) in
+    the first D/2 columns, sin in the last D/2 (computed in fp32)."""
+    inv_freq = theta ** (-torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim)
+    freqs = torch.outer(torch.arange(max_pos, device=device, dtype=torch.float32), inv_freq)
+    return torch.cat((freqs.cos(), freqs.sin()), dim=-1).to(dtype).contiguous()
 
 
 def rope_kv_append(
@@ -241,12 +254,8 @@ def gate_up_act(
     impl = implementation("gate_up_act", backend)
     x, w_gate_up = _check_gemm(x, w_gate_up, "w_gate_up", backend)
     _check_act(act)
-    if w_gate_up.shape[0] % 2:
-        raise ValueError(f"w_gate_up must have an even number of rows [2 * intermediate]; got {w_gate_up.shape[0]}")
-    inter = w_gate_up.shape[0] // 2
-    out = _check_out(out, x.dtype, (x.shape[0], inter), "[tokens, intermediate]", dense=True)
-    if out is None:
-        out = torch.empty((x.shape[0], inter), dtype=x.dtype, device=x.device)
+    inter = _intermediate(w_gate_up)
+    out = _out(out, x, (x.shape[0], inter), "[tokens, intermediate]", dense=True)
     return impl(x, w_gate_up, act, out)
 
 
@@ -256,9 +265,7 @@ def linear(
     """``x @ w.T``: x ``[T, K]``, w ``[N, K]`` (``nn.Linear`` layout) → ``[T, N]``."""
     impl = implementation("linear", backend)
     x, w = _check_gemm(x, w, "w", backend)
-    out = _check_out(out, x.dtype, (x.shape[0], w.shape[0]), "[tokens, out_features]", dense=True)
-    if out is None:
-        out = torch.empty((x.shape[0], w.shape[0]), dtype=x.dtype, device=x.device)
+    out = _out(out, x, (x.shape[0], w.shape[0]), "[tokens, out_features]", dense=True)
     return impl(x, w, out)
 
 
@@ -275,17 +282,13 @@ def mlp(
     impl = implementation("mlp", backend)
     x, w_gate_up = _check_gemm(x, w_gate_up, "w_gate_up", backend)
     _check_act(act)
-    if w_gate_up.shape[0] % 2:
-        raise ValueError(f"w_gate_up must have an even number of rows [2 * intermediate]; got {w_gate_up.shape[0]}")
-    inter = w_gate_up.shape[0] // 2
+    inter = _intermediate(w_gate_up)
     w_down = checks.tensor("w_down", w_down)
     checks.dtype("w_down", w_down, (x.dtype,))
     checks.shape("w_down", w_down, (x.shape[1], inter), "[hidden, intermediate]")
     checks.contiguous("w_down", w_down)
     checks.same_device({"x": x, "w_down": w_down})
-    out = _check_out(out, x.dtype, tuple(x.shape), "[tokens, hidden]", dense=True)
-    if out is None:
-        out = torch.empty_like(x, memory_format=torch.contiguous_format)
+    out = _out(out, x, tuple(x.shape), "[tokens, hidden]", dense=True)
     return impl(x, w_gate_up, w_down, act, out)
 
 

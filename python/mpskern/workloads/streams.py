@@ -180,9 +180,7 @@ class Stream:
         self.positions = pos
         pages = torch.gather(self.block_table.long(), 1, rows // p)
         self.slot_mapping = (pages * p + rows % p).reshape(-1).to(torch.int32)
-        inv_freq = ROPE_THETA ** (-torch.arange(0, m.head_dim, 2, device=dev, dtype=torch.float32) / m.head_dim)
-        freqs = torch.outer(torch.arange(c, device=dev, dtype=torch.float32), inv_freq)
-        self.cos_sin_cache = torch.cat((freqs.cos(), freqs.sin()), dim=-1).contiguous()
+        self.cos_sin_cache = ops.rope_cos_sin_cache(c, m.head_dim, theta=ROPE_THETA, device=dev)
 
     # -- the step -------------------------------------------------------------------------------------
 
