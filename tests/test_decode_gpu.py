@@ -106,6 +106,26 @@ def test_zero_length_and_clamped_length(backend):
     assert rel_err(out[1:], ref[1:]) < TOL[torch.bfloat16]
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("page_size", [1, 16, 128])
+@pytest.mark.parametrize("head_dim", HEAD_DIMS)
+def test_rows_past_the_end_are_never_used(backend, page_size, head_dim):
+    """The rest of a sequence's last page holds nan and inf (stale or never-written rows): they must not leak
+    into the output. The TMA kernel copies whole 16-row boxes, so it does read them."""
+    torch.manual_seed(6)
+    lens = [17, 1, 40, 130, 5]
+    kv = make_paged_kv(lens, 2, head_dim, page_size=page_size, dtype=torch.bfloat16)
+    q = torch.randn(len(lens), 14, head_dim, device="cuda", dtype=torch.bfloat16)
+    ref = decode_attention_dense(q, kv.k_cache, kv.v_cache, kv.block_table, kv.seq_lens)
+    for i, n in enumerate(lens):
+        for tok in range(n, -(-n // page_size) * page_size):
+            page, row = int(kv.block_table[i, tok // page_size]), tok % page_size
+            kv.k_cache[page, row] = float("nan") if tok % 2 else float("inf")
+            kv.v_cache[page, row] = float("inf") if tok % 2 else float("nan")
+    out = ops.decode_attention(q, kv.k_cache, kv.v_cache, kv.block_table, kv.seq_lens, backend=backend)
+    assert rel_err(out, ref) < TOL[torch.bfloat16]
+
+
 @pytest.mark.parametrize("backend", BACKENDS + ["torch"])
 def test_cuda_graph_capture_and_replay(backend):
     torch.manual_seed(4)
@@ -138,10 +158,19 @@ def test_cuda_kernel_info_reports_the_launch():
 
     info = cuda_backend.kernel_info(batch=8, heads=16, kv_heads=2, head_dim=128, max_context=32768)
     attn = info["decode_attention"]
-    assert attn["registers"] > 0 and attn["block_size"] == 128 and attn["dynamic_smem"] > 48 * 1024
+    hopper = torch.cuda.get_device_capability() >= (9, 0)
+    # Pages of 16 tokens take the TMA kernel on sm_90 (4 warps at D = 128, 8 at D = 64), cp.async elsewhere.
+    assert attn["name"] == ("decode_attention_tma" if hopper else "decode_attention")
+    assert attn["block_size"] == 128 and attn["registers"] > 0 and attn["dynamic_smem"] > 48 * 1024
     assert attn["blocks_per_sm"] >= 1 and 0 < attn["theoretical_occupancy"] <= 1
     assert info["plan"]["num_splits"] > 1 and "decode_combine" in info  # 16 (seq, kv head) pairs: must split
     assert attn["grid_size"] == 8 * 2 * info["plan"]["num_splits"]
+    small_pages = cuda_backend.kernel_info(batch=8, heads=16, kv_heads=2, head_dim=128, max_context=32768,
+                                           page_size=8)["decode_attention"]
+    assert small_pages["name"] == "decode_attention" and small_pages["block_size"] == 128
+    if hopper:
+        d64 = cuda_backend.kernel_info(batch=8, heads=16, kv_heads=2, head_dim=64, max_context=32768)
+        assert d64["decode_attention"]["block_size"] == 256 and d64["decode_attention"]["blocks_per_sm"] == 2
 
 
 def test_cuda_errors_do_not_crash():
@@ -153,4 +182,4 @@ def test_cuda_errors_do_not_crash():
     from mpskern import cuda_backend
 
     with pytest.raises(ValueError, match="head_dim"):
-        cuda_backend.extension().decode_attention_info(dtype=1, head_dim=96, heads_per_chunk=8)
+        cuda_backend.extension().decode_attention_info(dtype=1, head_dim=96, heads_per_chunk=8, page_size=16)

@@ -84,8 +84,8 @@ def test_cuda_backend_plans_from_the_kernels_occupancy_once_per_shape(monkeypatc
     calls = []
 
     class StubExtension:
-        def decode_attention_info(self, *, dtype, head_dim, heads_per_chunk):
-            calls.append((dtype, head_dim, heads_per_chunk))
+        def decode_attention_info(self, *, dtype, head_dim, heads_per_chunk, page_size):
+            calls.append((dtype, head_dim, heads_per_chunk, page_size))
             return {"num_sms": 132, "blocks_per_sm": 2}
 
         def decode_attention_tile_tokens(self):
@@ -95,8 +95,8 @@ def test_cuda_backend_plans_from_the_kernels_occupancy_once_per_shape(monkeypatc
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     cuda_backend._cached_plan.cache_clear()
     for _ in range(3):
-        plan = cuda_backend.decode_plan(8, 34, 2, 128, 32768, torch.bfloat16)
-    assert calls == [(1, 128, 9)]  # group 17 -> two chunks of <= 9 heads; queried once
+        plan = cuda_backend.decode_plan(8, 34, 2, 128, 32768, torch.bfloat16, 16)
+    assert calls == [(1, 128, 9, 16)]  # group 17 -> two chunks of <= 9 heads; queried once
     assert plan == plan_decode(batch=8, kv_heads=2, group=17, max_context=32768, num_sms=132, ctas_per_sm=2,
                                tile_tokens=64, policy=CUDA_SPLITS)
     cuda_backend._cached_plan.cache_clear()

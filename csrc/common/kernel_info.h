@@ -18,6 +18,7 @@ struct KernelInfo {
   int num_sms = 0;
   int max_threads_per_sm = 0;
   double theoretical_occupancy = 0.0;  // active warps / max warps per SM
+  int binary_version = 0;      // SASS the device runs (90 = sm_90): which architecture's code was loaded
 };
 
 inline int current_device() {
@@ -45,6 +46,7 @@ KernelInfo query_kernel(const char* name, Kernel kernel, int block_size, int dyn
   info.registers = attr.numRegs;
   info.static_smem = static_cast<int>(attr.sharedSizeBytes);
   info.dynamic_smem = dynamic_smem;
+  info.binary_version = attr.binaryVersion;
   info.block_size = block_size;
   MPSK_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&info.blocks_per_sm, kernel, block_size, dynamic_smem));
   info.num_sms = device_attribute(cudaDevAttrMultiProcessorCount);

@@ -15,6 +15,7 @@ struct DecodeParams {
   int64_t q_stride_b, q_stride_h;
   const void* k_cache;  // [num_pages, page_size, KVH, D], contiguous
   const void* v_cache;
+  int num_pages;
   const int* block_table;  // [B, max_pages]
   int max_pages;
   const int* seq_lens;  // [B]
@@ -27,8 +28,10 @@ struct DecodeParams {
   float scale;
 };
 
-// Resources and occupancy of the attention kernel a launch with these sizes would use.
-KernelInfo decode_attention_info(DType dtype, int head_dim, int heads_per_chunk, long long grid_size);
+// Resources and occupancy of the attention kernel a launch with these sizes would use (the TMA kernel on
+// sm_90 builds for pages of 16 tokens or more, else the cp.async kernel; info.name says which).
+KernelInfo decode_attention_info(DType dtype, int head_dim, int heads_per_chunk, int page_size,
+                                 long long grid_size);
 KernelInfo decode_combine_info(DType dtype, long long grid_size);
 // Tokens one warp consumes per pipeline stage: the split planner rounds splits to it.
 int decode_attention_tile_tokens();

@@ -38,21 +38,24 @@ def extension() -> Any:
 
 
 def decode_plan(batch: int, heads: int, kv_heads: int, head_dim: int, max_context: int, dtype: torch.dtype,
-                num_splits: int | None = None) -> DecodePlan:
-    """The launch the CUDA kernel uses for these sizes (also what kernel_info reports)."""
-    return _cached_plan(torch.cuda.current_device(), batch, heads, kv_heads, head_dim, max_context, dtype, num_splits)
+                page_size: int, num_splits: int | None = None) -> DecodePlan:
+    """The launch the CUDA kernel uses for these sizes (also what kernel_info reports). The page size picks
+    the kernel (TMA for pages of 16 tokens or more on sm_90, else cp.async), whose occupancy feeds the plan."""
+    return _cached_plan(torch.cuda.current_device(), batch, heads, kv_heads, head_dim, max_context, dtype, page_size,
+                        num_splits)
 
 
 @functools.lru_cache(maxsize=4096)
 def _cached_plan(device_index: int, batch: int, heads: int, kv_heads: int, head_dim: int, max_context: int,
-                 dtype: torch.dtype, num_splits: int | None) -> DecodePlan:
+                 dtype: torch.dtype, page_size: int, num_splits: int | None) -> DecodePlan:
     # Keyed by device: the occupancy query runs on the current device. Cached so an eager decode loop pays
     # for the plan (and its two calls into the extension) once per shape, not once per launch.
     del device_index
     ext = extension()
     group = heads // kv_heads
     _, heads_per_chunk = head_chunking(group)
-    res = ext.decode_attention_info(dtype=_DTYPE_CODES[dtype], head_dim=head_dim, heads_per_chunk=heads_per_chunk)
+    res = ext.decode_attention_info(dtype=_DTYPE_CODES[dtype], head_dim=head_dim, heads_per_chunk=heads_per_chunk,
+                                    page_size=page_size)
     return plan_decode(batch=batch, kv_heads=kv_heads, group=group, max_context=max_context,
                        num_sms=res["num_sms"], ctas_per_sm=res["blocks_per_sm"],
                        tile_tokens=ext.decode_attention_tile_tokens(), policy=CUDA_SPLITS, num_splits=num_splits)
@@ -62,12 +65,12 @@ def decode_attention(q, k_cache, v_cache, block_table, seq_lens, scale, out, num
     ext = extension()
     b, h, d = q.shape
     _, page_size, kvh, _ = k_cache.shape
-    plan = decode_plan(b, h, kvh, d, block_table.shape[1] * page_size, q.dtype, num_splits)
+    plan = decode_plan(b, h, kvh, d, block_table.shape[1] * page_size, q.dtype, page_size, num_splits)
     workspace = split_workspace(plan, b, h, d, q.device)
     ws = (workspace[0].data_ptr(), workspace[1].data_ptr()) if workspace else (0, 0)
     ext.decode_attention(
         q=q.data_ptr(), q_stride_b=q.stride(0), q_stride_h=q.stride(1),
-        k_cache=k_cache.data_ptr(), v_cache=v_cache.data_ptr(),
+        k_cache=k_cache.data_ptr(), v_cache=v_cache.data_ptr(), num_pages=k_cache.shape[0],
         block_table=block_table.data_ptr(), max_pages=block_table.shape[1], seq_lens=seq_lens.data_ptr(),
         out=out.data_ptr(), out_stride_b=out.stride(0), out_stride_h=out.stride(1),
         o_partial=ws[0], lse=ws[1],
@@ -80,13 +83,15 @@ def decode_attention(q, k_cache, v_cache, block_table, seq_lens, scale, out, num
 
 
 def kernel_info(*, batch: int, heads: int, kv_heads: int, head_dim: int, max_context: int,
-                dtype: torch.dtype = torch.bfloat16, num_splits: int | None = None) -> dict:
+                dtype: torch.dtype = torch.bfloat16, page_size: int = 16, num_splits: int | None = None) -> dict:
     """Registers, shared memory, block/grid size and theoretical occupancy of the decode launch these sizes
-    get (attention kernel, plus the combine kernel when the context is split). Needs a CUDA device."""
-    plan = decode_plan(batch, heads, kv_heads, head_dim, max_context, dtype, num_splits)
+    get (attention kernel, plus the combine kernel when the context is split); ``name`` says which attention
+    kernel. Needs a CUDA device."""
+    plan = decode_plan(batch, heads, kv_heads, head_dim, max_context, dtype, page_size, num_splits)
     grid = batch * kv_heads * plan.head_chunks * plan.num_splits
     info = {"decode_attention": extension().decode_attention_info(
-        dtype=_DTYPE_CODES[dtype], head_dim=head_dim, heads_per_chunk=plan.heads_per_chunk, grid_size=grid)}
+        dtype=_DTYPE_CODES[dtype], head_dim=head_dim, heads_per_chunk=plan.heads_per_chunk, page_size=page_size,
+        grid_size=grid)}
     if plan.needs_combine:
         info["decode_combine"] = extension().decode_combine_info(dtype=_DTYPE_CODES[dtype], grid_size=batch * heads)
     info["plan"] = {"num_splits": plan.num_splits, "tokens_per_split": plan.tokens_per_split,

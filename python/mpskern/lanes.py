@@ -112,7 +112,7 @@ def _decode_attention_info(stream: Any) -> dict:
     c, m = stream.config, stream.plan.model
     return cuda_backend.kernel_info(batch=c.batch, heads=m.heads, kv_heads=m.kv_heads, head_dim=m.head_dim,
                                     max_context=stream.plan.pages_per_seq * c.page_size,
-                                    dtype=getattr(torch, c.dtype_name))
+                                    dtype=getattr(torch, c.dtype_name), page_size=c.page_size)
 
 
 _KERNEL_INFO = {"decode_attention": _decode_attention_info}  # stream role -> its launch's resources

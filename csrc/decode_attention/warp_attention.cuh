@@ -1,0 +1,308 @@
+// The per-warp math of paged decode attention, shared by both decode kernels: which work a CTA owns, the
+// Q fragments, S = Q K^T and O += P V on m16n8k16 tensor cores for one 16-token KV tile with an online
+// softmax (log2 domain), and the final merge of the warps' partial softmax states.
+//
+// The kernels differ only in how a tile reaches shared memory (per-warp cp.async rings into padded rows, or
+// TMA into 128-byte-swizzled panels), which a Layout hides: layout.k(row, chunk) / layout.v(row, chunk) give
+// the shared address of 16-byte chunk `chunk` (8 elements along D) of token row `row` of the K / V tile.
+#pragma once
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <cfloat>
+#include <cstdint>
+
+#include "common/ptx.cuh"
+#include "decode_attention/decode_attention.h"
+
+namespace mpskern::decode {
+
+constexpr int kTileTokens = 16;  // tokens per warp tile: the K dimension of the P.V MMA
+
+// What one CTA computes: (sequence, KV head, head chunk, KV split), flattened with the split fastest so the
+// CTAs of one sequence run side by side.
+struct WorkItem {
+  int b, kvh, split;
+  int head0, nheads;  // the query heads of this CTA
+  int begin, end;     // token range [begin, end), clamped to the sequence and the block table
+  int n_tiles;
+
+  __device__ WorkItem(const DecodeParams& p, long long bid) {
+    split = static_cast<int>(bid % p.num_splits);
+    bid /= p.num_splits;
+    const int chunk = static_cast<int>(bid % p.head_chunks);
+    bid /= p.head_chunks;
+    kvh = static_cast<int>(bid % p.kv_heads);
+    b = static_cast<int>(bid / p.kv_heads);
+    const int group = p.heads / p.kv_heads;
+    head0 = kvh * group + chunk * p.heads_per_chunk;
+    nheads = min(p.heads_per_chunk, group - chunk * p.heads_per_chunk);
+    const int seq_len = min(max(p.seq_lens[b], 0), p.max_pages * p.page_size);
+    begin = split * p.tokens_per_split;
+    end = min(begin + p.tokens_per_split, seq_len);
+    n_tiles = end > begin ? (end - begin + kTileTokens - 1) / kTileTokens : 0;
+  }
+};
+
+// M = 8 or 16 query heads per CTA. With M = 8 rows 8..15 of the MMA tiles are zero padding that is never
+// kept in registers.
+template <typename T, int D, int M>
+struct WarpAttention {
+  static constexpr int R = M / 8;  // accumulator rows per thread: row g (and g + 8 when M == 16)
+  static constexpr int KSTEPS = D / 16;
+  static constexpr int NTILES = D / 8;
+
+  int g, tq;  // MMA row group, thread in quad
+  uint32_t qa[KSTEPS][4];  // Q as A-fragments: a0 (g, k..k+1), a1 (g+8, k..), a2 (g, k+8..), a3 (g+8, k+8..)
+  float m_run[R], l_run[R];  // running max (log2 domain) and sum
+  float o[NTILES][2 * R];
+
+  __device__ WarpAttention(const DecodeParams& p, const WorkItem& w, int lane) : g(lane / 4), tq(lane % 4) {
+    const T* qb = static_cast<const T*>(p.q) + w.b * p.q_stride_b;
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const int row = g + 8 * r;
+      const bool ok = row < w.nheads && row < M;
+      const T* qrow = qb + (w.head0 + (ok ? row : 0)) * p.q_stride_h;
+#pragma unroll
+      for (int kk = 0; kk < KSTEPS; ++kk) {
+        const int k = kk * 16 + tq * 2;
+        qa[kk][r] = ok ? *reinterpret_cast<const uint32_t*>(qrow + k) : 0u;
+        qa[kk][r + 2] = ok ? *reinterpret_cast<const uint32_t*>(qrow + k + 8) : 0u;
+      }
+    }
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      m_run[r] = -INFINITY;
+      l_run[r] = 0.f;
+    }
+#pragma unroll
+    for (int n = 0; n < NTILES; ++n)
+#pragma unroll
+      for (int j = 0; j < 2 * R; ++j) o[n][j] = 0.f;
+  }
+
+  // A tile's K and V as MMA B-fragments: once they are in registers the tile's shared memory can be reused.
+  struct Fragments {
+    uint32_t k[KSTEPS][4];  // matrices: (tok 0-7, k lo), (tok 0-7, k hi), (tok 8-15, k lo), (tok 8-15, k hi)
+    uint32_t v[D / 16][4];  // matrices: (tok 0-7, d lo), (tok 8-15, d lo), (tok 0-7, d hi), (tok 8-15, d hi)
+  };
+
+  // ldmatrix sources of the fragments: lane l addresses row l % 8 of matrix l / 8 of an x4 load.
+  template <typename Layout>
+  __device__ __forceinline__ static void load_k(uint32_t (&r)[4], const Layout& lay, int kk, int lane) {
+    const int mat = lane / 8;
+    ptx::ldmatrix_x4(r, lay.k((mat >> 1) * 8 + lane % 8, kk * 2 + (mat & 1)));
+  }
+  template <typename Layout>
+  __device__ __forceinline__ static void load_v(uint32_t (&r)[4], const Layout& lay, int nd, int lane) {
+    const int mat = lane / 8;
+    ptx::ldmatrix_x4_trans(r, lay.v((mat & 1) * 8 + lane % 8, nd * 2 + (mat >> 1)));
+  }
+
+  template <typename Layout>
+  __device__ __forceinline__ static void load(Fragments& f, const Layout& lay, int lane) {
+#pragma unroll
+    for (int kk = 0; kk < KSTEPS; ++kk) load_k(f.k[kk], lay, kk, lane);
+#pragma unroll
+    for (int nd = 0; nd < D / 16; ++nd) load_v(f.v[nd], lay, nd, lane);
+  }
+
+  // One 16-token tile starting at token tok0; tokens >= end are masked. kMaskV: V rows past `end` may hold
+  // anything (a TMA tile covers whole page rows), so their P.V contribution is zeroed in registers, where
+  // 0 * (inf or nan) would otherwise poison the sum. The cp.async path zero-fills them instead.
+  // consume() reads the fragments from shared memory as the math needs them (fewest live registers);
+  // compute() takes them preloaded, so the caller can reuse the tile's shared memory first.
+  template <bool kMaskV, typename Layout>
+  __device__ __forceinline__ void consume(const Layout& lay, int tok0, int end, float scale_log2, int lane) {
+    tile_math<kMaskV>([&](uint32_t(&r)[4], int kk) { load_k(r, lay, kk, lane); },
+                      [&](uint32_t(&r)[4], int nd) { load_v(r, lay, nd, lane); }, tok0, end, scale_log2);
+  }
+
+  template <bool kMaskV>
+  __device__ __forceinline__ void compute(const Fragments& f, int tok0, int end, float scale_log2) {
+    auto copy = [](uint32_t(&r)[4], const uint32_t(&src)[4]) {
+#pragma unroll
+      for (int j = 0; j < 4; ++j) r[j] = src[j];
+    };
+    tile_math<kMaskV>([&](uint32_t(&r)[4], int kk) { copy(r, f.k[kk]); },
+                      [&](uint32_t(&r)[4], int nd) { copy(r, f.v[nd]); }, tok0, end, scale_log2);
+  }
+
+  template <bool kMaskV, typename KFrag, typename VFrag>
+  __device__ __forceinline__ void tile_math(KFrag&& k_frag, VFrag&& v_frag, int tok0, int end, float scale_log2) {
+    // S = Q K^T for 16 tokens (two n-tiles of 8). Up to D = 128 the k steps run as two independent MMA
+    // chains, halving the dependent latency; at D = 256 the 8 extra registers would spill.
+    constexpr bool kTwoChains = D <= 128;
+    float s[2][4] = {}, s_odd[2][4] = {};
+#pragma unroll
+    for (int kk = 0; kk < KSTEPS; ++kk) {
+      uint32_t kb[4];
+      k_frag(kb, kk);
+      const uint32_t b0[2] = {kb[0], kb[1]};
+      const uint32_t b1[2] = {kb[2], kb[3]};
+      const bool odd = kTwoChains && kk % 2;
+      ptx::mma_16816<T>(odd ? s_odd[0] : s[0], qa[kk], b0);
+      ptx::mma_16816<T>(odd ? s_odd[1] : s[1], qa[kk], b1);
+    }
+    if constexpr (kTwoChains) {
+#pragma unroll
+      for (int n = 0; n < 2; ++n)
+#pragma unroll
+        for (int j = 0; j < 4; ++j) s[n][j] += s_odd[n][j];
+    }
+
+    // Mask tokens past the end, rescale, online softmax per row (a row lives in one quad of lanes).
+    float rescale[R];
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      float mx = -INFINITY;
+#pragma unroll
+      for (int n = 0; n < 2; ++n)
+#pragma unroll
+        for (int j = 0; j < 2; ++j) {
+          const int tok = tok0 + n * 8 + tq * 2 + j;
+          float x = s[n][2 * r + j] * scale_log2;
+          x = tok < end ? x : -INFINITY;  // a select: garbage K rows (even nan) never leak through
+          s[n][2 * r + j] = x;
+          mx = fmaxf(mx, x);
+        }
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+      const float m_new = fmaxf(m_run[r], mx);
+      const float m_use = m_new == -INFINITY ? 0.f : m_new;  // fully masked so far: keep exp2 finite
+      rescale[r] = exp2f(m_run[r] - m_use);
+      m_run[r] = m_new;
+      float sum = 0.f;
+#pragma unroll
+      for (int n = 0; n < 2; ++n)
+#pragma unroll
+        for (int j = 0; j < 2; ++j) {
+          const float e = exp2f(s[n][2 * r + j] - m_use);
+          s[n][2 * r + j] = e;
+          sum += e;
+        }
+      l_run[r] = l_run[r] * rescale[r] + sum;
+    }
+#pragma unroll
+    for (int n = 0; n < NTILES; ++n)
+#pragma unroll
+      for (int j = 0; j < 2 * R; ++j) o[n][j] *= rescale[j / 2];
+
+    // O += P V: P's accumulator layout is exactly the A-fragment layout of a k16 step.
+    uint32_t pa[4];
+    pa[0] = ptx::pack2<T>(s[0][0], s[0][1]);
+    pa[2] = ptx::pack2<T>(s[1][0], s[1][1]);
+    if constexpr (R == 2) {
+      pa[1] = ptx::pack2<T>(s[0][2], s[0][3]);
+      pa[3] = ptx::pack2<T>(s[1][2], s[1][3]);
+    } else {
+      pa[1] = 0u;
+      pa[3] = 0u;
+    }
+    // ldmatrix.trans hands this lane tokens (2 tq, 2 tq + 1) of a matrix, low half first; +8 for matrices
+    // 1 and 3. Masks keep the halves of valid tokens.
+    uint32_t vmask[2] = {0xffffffffu, 0xffffffffu};
+    if constexpr (kMaskV) {
+      const int valid = end - tok0;
+#pragma unroll
+      for (int h = 0; h < 2; ++h)
+        vmask[h] = (2 * tq + 8 * h < valid ? 0x0000ffffu : 0u) | (2 * tq + 8 * h + 1 < valid ? 0xffff0000u : 0u);
+    }
+#pragma unroll
+    for (int nd = 0; nd < D / 16; ++nd) {
+      uint32_t vb[4];
+      v_frag(vb, nd);
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const uint32_t bfrag[2] = {vb[2 * h] & vmask[0], vb[2 * h + 1] & vmask[1]};
+        float acc[4] = {o[2 * nd + h][0], o[2 * nd + h][1], 0.f, 0.f};
+        if constexpr (R == 2) {
+          acc[2] = o[2 * nd + h][2];
+          acc[3] = o[2 * nd + h][3];
+        }
+        ptx::mma_16816<T>(acc, pa, bfrag);
+#pragma unroll
+        for (int j = 0; j < 2 * R; ++j) o[2 * nd + h][j] = acc[j];
+      }
+    }
+  }
+};
+
+// Padded fp32 row of the warp-merge buffer: a half-warp's float2 stores (rows g..g+3, quads of columns) then
+// hit 32 distinct banks. Unpadded, the 8 rows of a store shared one bank (ncu: 8-way conflicts).
+template <int D>
+constexpr int kMergeRow = D + 8;
+
+template <int D, int M, int kWarps>
+constexpr int merge_smem_bytes() {
+  return kWarps * M * (kMergeRow<D> + 2) * static_cast<int>(sizeof(float));
+}
+
+// The warps' partial states meet in shared memory (merge_smem_bytes, free by then): each warp stashes its
+// own, then every thread of the CTA helps write the merged heads, straight to `out` when unsplit, else the
+// normalised partial and its LSE for the combine kernel.
+template <int D, int M>
+struct MergeBuffer {
+  static constexpr int MR = kMergeRow<D>;
+  float* smem;
+  __device__ float* o(int warp, int row) const { return smem + (warp * M + row) * MR; }
+  template <int kWarps>
+  __device__ float* ml(int warp, int row) const { return smem + kWarps * M * MR + (warp * M + row) * 2; }
+};
+
+template <int kWarps, typename T, int D, int M>
+__device__ void stash_partial(const WarpAttention<T, D, M>& att, MergeBuffer<D, M> buf, int warp) {
+#pragma unroll
+  for (int r = 0; r < M / 8; ++r) {
+    float l = att.l_run[r];
+    l += __shfl_xor_sync(0xffffffffu, l, 1);
+    l += __shfl_xor_sync(0xffffffffu, l, 2);
+    const int row = att.g + 8 * r;
+    float* dst = buf.o(warp, row);
+#pragma unroll
+    for (int n = 0; n < WarpAttention<T, D, M>::NTILES; ++n)
+      *reinterpret_cast<float2*>(dst + n * 8 + att.tq * 2) = make_float2(att.o[n][2 * r], att.o[n][2 * r + 1]);
+    if (att.tq == 0) {
+      buf.template ml<kWarps>(warp, row)[0] = att.m_run[r];
+      buf.template ml<kWarps>(warp, row)[1] = l;
+    }
+  }
+}
+
+// After every warp's stash_partial and a __syncthreads; called by all nthreads threads of the CTA.
+template <int kWarps, typename T, int D, int M>
+__device__ void write_merged(const DecodeParams& p, const WorkItem& w, MergeBuffer<D, M> buf, int nthreads) {
+  const bool direct = p.num_splits == 1;
+  for (int idx = threadIdx.x; idx < w.nheads * D; idx += nthreads) {
+    const int row = idx / D;
+    const int d = idx % D;
+    float m_max = -INFINITY;
+#pragma unroll
+    for (int v = 0; v < kWarps; ++v) m_max = fmaxf(m_max, buf.template ml<kWarps>(v, row)[0]);
+    float l_sum = 0.f, acc = 0.f;
+    if (m_max != -INFINITY) {
+#pragma unroll
+      for (int v = 0; v < kWarps; ++v) {
+        const float* ml = buf.template ml<kWarps>(v, row);
+        const float f = exp2f(ml[0] - m_max);
+        l_sum += ml[1] * f;
+        acc += buf.o(v, row)[d] * f;
+      }
+    }
+    const float val = l_sum > 0.f ? acc / l_sum : 0.f;
+    const int h = w.head0 + row;
+    if (direct) {
+      static_cast<T*>(p.out)[w.b * p.out_stride_b + h * p.out_stride_h + d] = ptx::from_float<T>(val);
+    } else {
+      const long long bh = static_cast<long long>(w.b) * p.heads + h;
+      p.o_partial[(bh * p.num_splits + w.split) * D + d] = val;
+      if (d == 0) {
+        // log2-domain max and sum back to the natural-log LSE of the scaled scores.
+        p.lse[bh * p.num_splits + w.split] = l_sum > 0.f ? (m_max + log2f(l_sum)) * 0.6931471805599453f : -INFINITY;
+      }
+    }
+  }
+}
+
+}  // namespace mpskern::decode
