@@ -8,14 +8,16 @@ import sys
 
 def main(path: str) -> None:
     data = json.load(open(path))
-    commit = data.get("commit_info", {}).get("id") or subprocess.run(
+    info = data.get("commit_info", {})
+    commit = info.get("id") or subprocess.run(
         ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    commit = commit[:10] + (" (dirty: the measured tree is not this commit)" if info.get("dirty") else "")
     rows = [b["extra_info"] for b in data["benchmarks"] if b.get("extra_info")]
     if not rows:
         sys.exit("no benchmark rows with extra_info")
     first = rows[0]
     print(f"card: {first['device']} · copy ceiling {first['copy_gbs']:.0f} GB/s (read + write, same run) · "
-          f"commit {commit[:10]}\n")
+          f"commit {commit}\n")
     print("| kernel | backend | model | batch × ctx | time (µs) | KV GB/s | % copy BW | torch (µs) | × torch |")
     print("| --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: |")
     for r in rows:
