@@ -34,8 +34,8 @@ py::dict to_dict(const KernelInfo& k) {
 }
 
 void decode_attention_py(std::uintptr_t q, int64_t q_stride_b, int64_t q_stride_h, std::uintptr_t k_cache,
-                         std::uintptr_t v_cache, int num_pages, std::uintptr_t block_table, int max_pages, std::uintptr_t seq_lens,
-                         std::uintptr_t out, int64_t out_stride_b, int64_t out_stride_h, std::uintptr_t o_partial,
+                         std::uintptr_t v_cache, int num_pages, std::uintptr_t block_table, int max_pages,
+                         std::uintptr_t seq_lens, std::uintptr_t out, int64_t out_stride_b, int64_t out_stride_h, std::uintptr_t o_partial,
                          std::uintptr_t lse, int batch, int heads, int kv_heads, int head_dim, int page_size,
                          int num_splits, int tokens_per_split, int head_chunks, int heads_per_chunk, float scale,
                          int dtype, std::uintptr_t stream) {
@@ -72,8 +72,8 @@ void decode_attention_py(std::uintptr_t q, int64_t q_stride_b, int64_t q_stride_
 PYBIND11_MODULE(_C, m) {
   m.doc() = "mpskern CUDA kernels (raw-pointer API; use mpskern.ops)";
   m.def("decode_attention", &decode_attention_py, py::kw_only(), py::arg("q"), py::arg("q_stride_b"),
-        py::arg("q_stride_h"), py::arg("k_cache"), py::arg("v_cache"), py::arg("num_pages"), py::arg("block_table"), py::arg("max_pages"),
-        py::arg("seq_lens"), py::arg("out"), py::arg("out_stride_b"), py::arg("out_stride_h"), py::arg("o_partial"),
+        py::arg("q_stride_h"), py::arg("k_cache"), py::arg("v_cache"), py::arg("num_pages"), py::arg("block_table"),
+        py::arg("max_pages"), py::arg("seq_lens"), py::arg("out"), py::arg("out_stride_b"), py::arg("out_stride_h"), py::arg("o_partial"),
         py::arg("lse"), py::arg("batch"), py::arg("heads"), py::arg("kv_heads"), py::arg("head_dim"),
         py::arg("page_size"), py::arg("num_splits"), py::arg("tokens_per_split"), py::arg("head_chunks"),
         py::arg("heads_per_chunk"), py::arg("scale"), py::arg("dtype"), py::arg("stream"));

@@ -4,6 +4,7 @@
 #include <mutex>
 #include <tuple>
 #include <type_traits>
+#include <utility>
 
 #include "common/cuda_check.h"
 #include "common/tensor_map.h"
@@ -58,15 +59,27 @@ const KernelInfo& attention_info(int page_size) {
 template <typename T, int D>
 CUtensorMap kv_tensor_map(const void* cache, const DecodeParams& p) {
   constexpr auto dtype = std::is_same_v<T, __half> ? CU_TENSOR_MAP_DATA_TYPE_FLOAT16 : CU_TENSOR_MAP_DATA_TYPE_BFLOAT16;
+  constexpr auto l2 = decode::kL2PrefetchBytes<D> == 256 ? CU_TENSOR_MAP_L2_PROMOTION_L2_256B
+                                                         : CU_TENSOR_MAP_L2_PROMOTION_L2_128B;
   const cuuint64_t dims[3] = {D, static_cast<cuuint64_t>(p.kv_heads),
                               static_cast<cuuint64_t>(p.num_pages) * p.page_size};
   const cuuint64_t strides[2] = {D * sizeof(T), static_cast<cuuint64_t>(p.kv_heads) * D * sizeof(T)};
   const cuuint32_t box[3] = {decode::kPanelCols, 1, decode::kTileTokens};
-  // L2 promotion: at D = 64, 256 B brings the neighbouring KV head's row along for its CTA. At D >= 128 each
-  // 128-byte panel would drag in its sibling panel, fetched by the next copy anyway: 128 B is 3 to 6% faster
-  // there (H200; L2 hit rate 26% with 256 B, as the two requests collide).
-  return tiled_map_3d(cache, dtype, dims, strides, box, CU_TENSOR_MAP_SWIZZLE_128B,
-                      D == 64 ? CU_TENSOR_MAP_L2_PROMOTION_L2_256B : CU_TENSOR_MAP_L2_PROMOTION_L2_128B);
+  return tiled_map_3d(cache, dtype, dims, strides, box, CU_TENSOR_MAP_SWIZZLE_128B, l2);
+}
+
+// The K and V maps of a launch. A decode loop launches on the same caches step after step, so the last pair
+// is kept (per thread and instantiation) rather than encoded through the driver on every call.
+template <typename T, int D>
+std::pair<CUtensorMap, CUtensorMap> kv_tensor_maps(const DecodeParams& p) {
+  thread_local std::tuple<const void*, const void*, int, int, int> key{};
+  thread_local std::pair<CUtensorMap, CUtensorMap> maps;
+  const auto now = std::make_tuple(p.k_cache, p.v_cache, p.num_pages, p.page_size, p.kv_heads);
+  if (now != key) {
+    maps = {kv_tensor_map<T, D>(p.k_cache, p), kv_tensor_map<T, D>(p.v_cache, p)};
+    key = now;
+  }
+  return maps;
 }
 
 // Sized for the largest split count check_params allows, so one opt-in covers every launch.
@@ -150,9 +163,9 @@ void decode_attention(const DecodeParams& p, DType dtype, cudaStream_t stream) {
                      reinterpret_cast<uintptr_t>(p.k_cache) % 16 == 0 && reinterpret_cast<uintptr_t>(p.v_cache) % 16 == 0;
     if (tma) {
       const KernelInfo& info = tma_info<T, D, M>();
-      decode::decode_attention_tma_kernel<T, D, M><<<static_cast<unsigned>(grid), info.block_size, info.dynamic_smem,
-                                                     stream>>>(p, kv_tensor_map<T, D>(p.k_cache, p),
-                                                               kv_tensor_map<T, D>(p.v_cache, p));
+      const auto [map_k, map_v] = kv_tensor_maps<T, D>(p);
+      decode::decode_attention_tma_kernel<T, D, M>
+          <<<static_cast<unsigned>(grid), info.block_size, info.dynamic_smem, stream>>>(p, map_k, map_v);
       MPSK_LAUNCH_CHECK("decode_attention_tma_kernel");
     } else {
       const KernelInfo& info = cp_async_info<T, D, M>();

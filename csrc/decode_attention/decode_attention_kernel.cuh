@@ -22,10 +22,6 @@ struct Config {
   static constexpr int kStages = D == 256 ? 2 : 3;
   static constexpr int kRow = D + 8;  // padded smem row: 16 B shift per row makes ldmatrix conflict-free
   static constexpr int kStageElems = 2 * kTileTokens * kRow;  // K tile then V tile
-  // A 128-byte row (D = 64) also pulls the next 128 B into L2: the same token's row of the neighbouring KV
-  // head (another CTA's) or the next token's. Measured on the 0.5B shapes: 2 to 2.5% faster; no gain at
-  // D = 128, where 128 B prefetch is 1 to 2% better than none.
-  static constexpr int kL2Prefetch = D == 64 ? 256 : 128;
   static constexpr int kThreads = kWarps * 32;
 };
 
@@ -54,27 +50,20 @@ __global__ void __launch_bounds__(Config<D>::kThreads) decode_attention_kernel(c
   const int lane = threadIdx.x % 32;
   const int warp = threadIdx.x / 32;
   const WorkItem w(p, blockIdx.x);
-  const int my_tiles = warp < w.n_tiles ? (w.n_tiles - warp + C::kWarps - 1) / C::kWarps : 0;
+  const int my_tiles = w.warp_tiles(warp, C::kWarps);
 
   // ---- The warp's copy ring.
   T* ring = reinterpret_cast<T*>(smem_raw) + warp * C::kStages * C::kStageElems;
   const T* kbase = static_cast<const T*>(p.k_cache);
   const T* vbase = static_cast<const T*>(p.v_cache);
-  const int* table = p.block_table + static_cast<long long>(w.b) * p.max_pages;
-  const int page_shift = __ffs(p.page_size) - 1;
   const long long token_stride = static_cast<long long>(p.kv_heads) * D;  // elements between rows of a page
 
   // Lane r holds the page id of row r % 16 of a tile; the copy loop takes each row's id with a shuffle. It
   // is read one tile ahead of the copy, so the block-table latency hides behind a tile of math instead of
-  // stalling the copy issue. The read is clamped to the table row, not to seq_len, so the first reads do not
-  // wait for seq_len's load: the two latencies overlap at CTA start. Ids past the sequence are never used.
-  const int last_token = p.max_pages * p.page_size - 1;
-  auto fetch_page = [&](int i) {
-    const int tok = min(w.begin + (warp + i * C::kWarps) * kTileTokens + lane % kTileTokens, last_token);
-    return __ldg(table + (tok >> page_shift));
-  };
+  // stalling the copy issue.
+  auto fetch_page = [&](int i) { return w.page_of(w.tile_start(warp, C::kWarps, i) + lane % kTileTokens); };
   auto load_tile = [&](int i, int stage, int page_of_row) {
-    const int tok0 = w.begin + (warp + i * C::kWarps) * kTileTokens;
+    const int tok0 = w.tile_start(warp, C::kWarps, i);
     T* ks = ring + stage * C::kStageElems;
     T* vs = ks + kTileTokens * C::kRow;
 #pragma unroll
@@ -85,9 +74,9 @@ __global__ void __launch_bounds__(Config<D>::kThreads) decode_attention_kernel(c
       const int tok = tok0 + row;
       const bool valid = tok < w.end;
       const long long page = __shfl_sync(0xffffffffu, page_of_row, row);
-      const long long off = ((page << page_shift) + (tok & (p.page_size - 1))) * token_stride + w.kvh * D + col;
-      ptx::cp_async_16<C::kL2Prefetch>(ks + row * C::kRow + col, kbase + (valid ? off : 0), valid);
-      ptx::cp_async_16<C::kL2Prefetch>(vs + row * C::kRow + col, vbase + (valid ? off : 0), valid);
+      const long long off = ((page << w.page_shift) + (tok & (p.page_size - 1))) * token_stride + w.kvh * D + col;
+      ptx::cp_async_16<kL2PrefetchBytes<D>>(ks + row * C::kRow + col, kbase + (valid ? off : 0), valid);
+      ptx::cp_async_16<kL2PrefetchBytes<D>>(vs + row * C::kRow + col, vbase + (valid ? off : 0), valid);
     }
   };
 
@@ -95,7 +84,6 @@ __global__ void __launch_bounds__(Config<D>::kThreads) decode_attention_kernel(c
 #pragma unroll
   for (int s = 0; s < C::kStages - 1; ++s) first_pages[s] = fetch_page(s);
   WarpAttention<T, D, M> att(p, w, lane);
-  const float scale_log2 = p.scale * 1.4426950408889634f;
 #pragma unroll
   for (int s = 0; s < C::kStages - 1; ++s) {
     if (s < my_tiles) load_tile(s, s, first_pages[s]);
@@ -113,7 +101,7 @@ __global__ void __launch_bounds__(Config<D>::kThreads) decode_attention_kernel(c
       next_page = fetch_page(next + 1);
     }
     const PaddedTile<T, D> tile{ring + (i % C::kStages) * C::kStageElems};
-    att.template consume<false>(tile, w.begin + (warp + i * C::kWarps) * kTileTokens, w.end, scale_log2, lane);
+    att.template consume<false>(tile, w.tile_start(warp, C::kWarps, i), w.end, lane);
   }
   ptx::cp_async_wait<0>();
   __syncthreads();  // every warp is done with its ring: the merge reuses the memory

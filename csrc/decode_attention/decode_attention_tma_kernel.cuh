@@ -99,15 +99,9 @@ __global__ void __launch_bounds__(TmaConfig<D>::kThreads)
   __syncwarp();
 
   const WorkItem w(p, blockIdx.x);
-  const int my_tiles = warp < w.n_tiles ? (w.n_tiles - warp + NW - 1) / NW : 0;
-  const int* table = p.block_table + static_cast<long long>(w.b) * p.max_pages;
-  const int page_shift = __ffs(p.page_size) - 1;
-  const int last_token = p.max_pages * p.page_size - 1;
-  // Page id of the warp's k-th tile. Lane l holds tile k0 + l's; the next 32 are read 32 tiles ahead, and the
-  // first batch does not wait for seq_len (reads are clamped to the table row; ids past the end go unused).
-  auto page_of = [&](int k) {
-    return __ldg(table + (min(w.begin + (warp + k * NW) * kTileTokens, last_token) >> page_shift));
-  };
+  const int my_tiles = w.warp_tiles(warp, NW);
+  // Page id of the warp's k-th tile: lane l holds tile k0 + l's, and the next 32 are read 32 tiles ahead.
+  auto page_of = [&](int k) { return w.page_of(w.tile_start(warp, NW, k)); };
   int ids = page_of(lane), ids_next = page_of(32 + lane);
   auto issue = [&](int k) {  // called for k = 0, 1, 2, ... in order
     if ((k & 31) == 0 && k > 0) {
@@ -117,28 +111,27 @@ __global__ void __launch_bounds__(TmaConfig<D>::kThreads)
     const int pg = __shfl_sync(0xffffffffu, ids, k & 31);
     if (lane == 0) {
       tma::fence_proxy_async();  // the lanes' reads of this stage come before the copy's writes
-      const int row = pg * p.page_size + ((w.begin + (warp + k * NW) * kTileTokens) & (p.page_size - 1));
+      const int row = pg * p.page_size + (w.tile_start(warp, NW, k) & (p.page_size - 1));
       load_stage<D>(ring + (k % SW) * C::kStageBytes, &tmap_k, &tmap_v, w.kvh, row, &full[k % SW]);
     }
   };
 
   Warp att(p, w, lane);
-  const float scale_log2 = p.scale * 1.4426950408889634f;
   constexpr int kAhead = C::kEarlyRelease ? SW : SW - 1;  // tiles in flight while one is worked on
   for (int k = 0; k < kAhead && k < my_tiles; ++k) issue(k);
   for (int i = 0; i < my_tiles; ++i) {
     tma::mbar_wait(&full[i % SW], (i / SW) & 1);
     const SwizzledTile<T, D> tile{ring + (i % SW) * C::kStageBytes};
-    const int tok0 = w.begin + (warp + i * NW) * kTileTokens;
+    const int tok0 = w.tile_start(warp, NW, i);
     if constexpr (C::kEarlyRelease) {
       typename Warp::Fragments f;
       Warp::load(f, tile, lane);
       __syncwarp();
       if (i + SW < my_tiles) issue(i + SW);  // refills the stage just read
-      att.template compute<true>(f, tok0, w.end, scale_log2);
+      att.template compute<true>(f, tok0, w.end);
     } else {
       if (i + SW - 1 < my_tiles) issue(i + SW - 1);  // the stage of tile i - 1, read before the last __syncwarp
-      att.template consume<true>(tile, tok0, w.end, scale_log2, lane);
+      att.template consume<true>(tile, tok0, w.end, lane);
       __syncwarp();
     }
   }

@@ -19,6 +19,13 @@ namespace mpskern::decode {
 
 constexpr int kTileTokens = 16;  // tokens per warp tile: the K dimension of the P.V MMA
 
+// Bytes L2 fetches around each KV read (cp.async L2:: hint, TMA L2 promotion). A 128-byte row (D = 64) also
+// pulls in the same token's row of the neighbouring KV head, which its CTA reads next: 2 to 2.5% faster on
+// H100. From D = 128 on, 128 B: rows are whole lines already, and on H200 the TMA kernel's 256 B promotion made
+// each 128-byte panel collide with its sibling's request (L2 hit rate 26%, 3 to 6% slower).
+template <int D>
+constexpr int kL2PrefetchBytes = D == 64 ? 256 : 128;
+
 // What one CTA computes: (sequence, KV head, head chunk, KV split), flattened with the split fastest so the
 // CTAs of one sequence run side by side.
 struct WorkItem {
@@ -26,6 +33,8 @@ struct WorkItem {
   int head0, nheads;  // the query heads of this CTA
   int begin, end;     // token range [begin, end), clamped to the sequence and the block table
   int n_tiles;
+  const int* table;   // this sequence's block-table row
+  int page_shift, last_token;
 
   __device__ WorkItem(const DecodeParams& p, long long bid) {
     split = static_cast<int>(bid % p.num_splits);
@@ -41,7 +50,18 @@ struct WorkItem {
     begin = split * p.tokens_per_split;
     end = min(begin + p.tokens_per_split, seq_len);
     n_tiles = end > begin ? (end - begin + kTileTokens - 1) / kTileTokens : 0;
+    table = p.block_table + static_cast<long long>(b) * p.max_pages;
+    page_shift = __ffs(p.page_size) - 1;
+    last_token = p.max_pages * p.page_size - 1;
   }
+
+  // Warp w of nw takes tiles w, w + nw, ...: its count, and the first token of its i-th tile.
+  __device__ int warp_tiles(int warp, int nw) const { return warp < n_tiles ? (n_tiles - warp + nw - 1) / nw : 0; }
+  __device__ int tile_start(int warp, int nw, int i) const { return begin + (warp + i * nw) * kTileTokens; }
+
+  // The page holding token `tok`. Clamped to the table row, not to seq_len, so reads can be issued before
+  // seq_len arrives (its latency and the table's overlap at CTA start); ids past the end go unused.
+  __device__ int page_of(int tok) const { return __ldg(table + (min(tok, last_token) >> page_shift)); }
 };
 
 // M = 8 or 16 query heads per CTA. With M = 8 rows 8..15 of the MMA tiles are zero padding that is never
@@ -56,8 +76,10 @@ struct WarpAttention {
   uint32_t qa[KSTEPS][4];  // Q as A-fragments: a0 (g, k..k+1), a1 (g+8, k..), a2 (g, k+8..), a3 (g+8, k+8..)
   float m_run[R], l_run[R];  // running max (log2 domain) and sum
   float o[NTILES][2 * R];
+  float scale_log2;  // softmax scale in the log2 domain
 
-  __device__ WarpAttention(const DecodeParams& p, const WorkItem& w, int lane) : g(lane / 4), tq(lane % 4) {
+  __device__ WarpAttention(const DecodeParams& p, const WorkItem& w, int lane)
+      : g(lane / 4), tq(lane % 4), scale_log2(p.scale * 1.4426950408889634f) {
     const T* qb = static_cast<const T*>(p.q) + w.b * p.q_stride_b;
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
@@ -114,23 +136,23 @@ struct WarpAttention {
   // consume() reads the fragments from shared memory as the math needs them (fewest live registers);
   // compute() takes them preloaded, so the caller can reuse the tile's shared memory first.
   template <bool kMaskV, typename Layout>
-  __device__ __forceinline__ void consume(const Layout& lay, int tok0, int end, float scale_log2, int lane) {
+  __device__ __forceinline__ void consume(const Layout& lay, int tok0, int end, int lane) {
     tile_math<kMaskV>([&](uint32_t(&r)[4], int kk) { load_k(r, lay, kk, lane); },
-                      [&](uint32_t(&r)[4], int nd) { load_v(r, lay, nd, lane); }, tok0, end, scale_log2);
+                      [&](uint32_t(&r)[4], int nd) { load_v(r, lay, nd, lane); }, tok0, end);
   }
 
   template <bool kMaskV>
-  __device__ __forceinline__ void compute(const Fragments& f, int tok0, int end, float scale_log2) {
+  __device__ __forceinline__ void compute(const Fragments& f, int tok0, int end) {
     auto copy = [](uint32_t(&r)[4], const uint32_t(&src)[4]) {
 #pragma unroll
       for (int j = 0; j < 4; ++j) r[j] = src[j];
     };
     tile_math<kMaskV>([&](uint32_t(&r)[4], int kk) { copy(r, f.k[kk]); },
-                      [&](uint32_t(&r)[4], int nd) { copy(r, f.v[nd]); }, tok0, end, scale_log2);
+                      [&](uint32_t(&r)[4], int nd) { copy(r, f.v[nd]); }, tok0, end);
   }
 
   template <bool kMaskV, typename KFrag, typename VFrag>
-  __device__ __forceinline__ void tile_math(KFrag&& k_frag, VFrag&& v_frag, int tok0, int end, float scale_log2) {
+  __device__ __forceinline__ void tile_math(KFrag&& k_frag, VFrag&& v_frag, int tok0, int end) {
     // S = Q K^T for 16 tokens (two n-tiles of 8). Up to D = 128 the k steps run as two independent MMA
     // chains, halving the dependent latency; at D = 256 the 8 extra registers would spill.
     constexpr bool kTwoChains = D <= 128;
