@@ -1,11 +1,13 @@
 """Where does the paged decode kernel lose time to cuDNN? Time vs KV bytes at several batches, fitted as
 fixed µs + bytes / streaming rate, for our kernels (auto split, and unsplit for CUDA) and SDPA over
 contiguous KV, with KV-head interleaving (KVH 2 vs 1 at equal bytes) and page size (16 vs 128) as the
-variables. The benchmark shapes themselves are timed by `pytest benchmarks` (scripts/gpu_check.sh bench).
-usage: python scripts/decode_probe.py"""
+variables. `waves`: CUDA (unsplit) and SDPA time against batch at ctx 2048 on the 3B shape, where CTA waves
+step. The benchmark shapes themselves are timed by `pytest benchmarks` (scripts/gpu_check.sh bench).
+usage: python scripts/decode_probe.py [waves]"""
 from __future__ import annotations
 
 import statistics
+import sys
 
 import torch
 
@@ -63,5 +65,20 @@ def main() -> None:
                   + " ".join(f"{p[0] / p[1] / 1e6:.2f}" for p in pts) + " TB/s")
 
 
+def waves() -> None:
+    h, kvh, d = 16, 2, 128  # Qwen2.5-3B
+    print(torch.cuda.get_device_name(), f"H{h}/{kvh} D{d} ctx {CTX}: batch (CTAs) cuda_s1 / sdpa µs")
+    for b in range(96, 297, 8):
+        sets = [decode_inputs(b, CTX, h, kvh, d, seed=i) for i in range(SETS)]
+        cuda = median_us([lambda s=s: ops.decode_attention(s[0], s[1].k_cache, s[1].v_cache, s[1].block_table,
+                                                           s[1].seq_lens, out=s[2], num_splits=1) for s in sets])
+        del sets
+        dense = [contiguous_decode_inputs(b, CTX, h, kvh, d, seed=100 + i) for i in range(SETS)]
+        sdpa = median_us([lambda s=s: sdpa_decode_contiguous(*s) for s in dense])
+        del dense
+        torch.cuda.empty_cache()
+        print(f"  {b} ({b * kvh}) {cuda:.1f} / {sdpa:.1f}", flush=True)
+
+
 if __name__ == "__main__":
-    main()
+    waves() if sys.argv[1:] == ["waves"] else main()
