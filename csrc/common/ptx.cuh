@@ -77,15 +77,6 @@ __device__ __forceinline__ uint32_t pack2(float x, float y) {
 }
 
 template <typename T>
-__device__ __forceinline__ float to_float(T x) {
-  if constexpr (std::is_same_v<T, __half>) {
-    return __half2float(x);
-  } else {
-    return __bfloat162float(x);
-  }
-}
-
-template <typename T>
 __device__ __forceinline__ T from_float(float x) {
   if constexpr (std::is_same_v<T, __half>) {
     return __float2half_rn(x);

@@ -16,10 +16,6 @@ __device__ __forceinline__ void mbar_init(uint64_t* bar, int count) {
 // Makes the initialised barriers visible to the async proxy (the TMA unit) before any copy signals them.
 __device__ __forceinline__ void mbar_init_fence() { asm volatile("fence.mbarrier_init.release.cluster;\n" ::); }
 
-__device__ __forceinline__ void mbar_arrive(uint64_t* bar) {
-  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(ptx::smem_addr(bar)) : "memory");
-}
-
 // Arrives and tells the barrier to also wait for `bytes` of copies that will signal it.
 __device__ __forceinline__ void mbar_arrive_expect_tx(uint64_t* bar, uint32_t bytes) {
   asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(ptx::smem_addr(bar)), "r"(bytes)
