@@ -2,8 +2,10 @@
 fixed µs + bytes / streaming rate, for our kernels (auto split, and unsplit for CUDA) and SDPA over
 contiguous KV, with KV-head interleaving (KVH 2 vs 1 at equal bytes) and page size (16 vs 128) as the
 variables. `waves`: CUDA (unsplit) and SDPA time against batch at ctx 2048 on the 3B shape, where CTA waves
-step. The benchmark shapes themselves are timed by `pytest benchmarks` (scripts/gpu_check.sh bench).
-usage: python scripts/decode_probe.py [waves]"""
+step. `triton-configs`: the D = 128 Triton kernel unsplit under every (BLOCK_N, warps, stages), against CUDA
+and SDPA on three 2-wave benchmark shapes. The benchmark shapes themselves are timed by `pytest benchmarks`
+(scripts/gpu_check.sh bench).
+usage: python scripts/decode_probe.py [waves | triton-configs]"""
 from __future__ import annotations
 
 import statistics
@@ -80,5 +82,39 @@ def waves() -> None:
         print(f"  {b} ({b * kvh}) {cuda:.1f} / {sdpa:.1f}", flush=True)
 
 
+def triton_configs() -> None:
+    import itertools
+
+    from mpskern.models import get_model
+    from mpskern.triton import decode_attention as td
+
+    shapes = [("Qwen2.5-3B", 1024, 512), ("Qwen2.5-3B", 256, 2048), ("Qwen2.5-7B", 256, 2048)]
+    print(torch.cuda.get_device_name(), "µs at", ", ".join(f"{m[7:]} {b}x{c}" for m, b, c in shapes))
+    paged, dense = [], []
+    for name, b, c in shapes:
+        m = get_model(name)
+        paged.append([decode_inputs(b, c, m.heads, m.kv_heads, m.head_dim, seed=i) for i in range(SETS)])
+        dense.append([contiguous_decode_inputs(b, c, m.heads, m.kv_heads, m.head_dim, seed=100 + i)
+                      for i in range(SETS)])
+
+    def row(backend: str) -> str:
+        times = [median_us([lambda s=s: ops.decode_attention(
+            s[0], s[1].k_cache, s[1].v_cache, s[1].block_table, s[1].seq_lens, out=s[2], backend=backend,
+            num_splits=1) for s in sets]) for sets in paged]
+        return " ".join(f"{t:.1f}" for t in times)
+
+    print("  sdpa", " ".join(f"{median_us([lambda s=s: sdpa_decode_contiguous(*s) for s in sets]):.1f}"
+                             for sets in dense))
+    print("  cuda", row("cuda"), flush=True)
+    shipped = td.CONFIGS[128]
+    try:
+        for bn, w, st in itertools.product((16, 32, 64, 128), (2, 4, 8), (1, 2, 3, 4)):
+            td.CONFIGS[128] = td.DecodeConfig(block_n=bn, num_warps=w, num_stages=st, ctas_per_sm=shipped.ctas_per_sm)
+            print(f"  triton BLOCK_N {bn} warps {w} stages {st}:", row("triton"), flush=True)
+    finally:
+        td.CONFIGS[128] = shipped
+
+
 if __name__ == "__main__":
-    waves() if sys.argv[1:] == ["waves"] else main()
+    modes = {"waves": waves, "triton-configs": triton_configs}
+    modes[sys.argv[1]]() if sys.argv[1:] else main()
