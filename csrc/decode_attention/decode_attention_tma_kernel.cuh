@@ -23,17 +23,18 @@ constexpr int kPanelBytes = kTileTokens * 128;  // 16 rows of 128 bytes
 constexpr int kTmaSwizzleAlign = 1024;          // the 128B swizzle repeats every 8 rows: panels start 1 KB-aligned
 
 // Measured on H200 (BENCHMARKS.md): D = 64 needs 16 warps per SM (8 per CTA: 7 to 12% faster than 4);
-// D = 128 is best at 4 warps x 3 stages (6 x 2 was 0 to 3% faster at 256+ tokens per CTA but 4 to 5%
-// slower at 512; 8 warps in one CTA per SM, 1 to 5% slower).
+// D = 128 is best at 4 warps (6 x 2 was 0 to 3% faster at 256+ tokens per CTA but 4 to 5% slower at 512;
+// 8 warps in one CTA per SM, 1 to 5% slower). Two stages per warp beat three by 0 to 3% with fewer KV pages
+// in flight (why was not measured); one stage is up to 10% slower.
 template <int D>
 struct TmaConfig {
-  // D = 64: 8 warps x 3 stages x 4 KB; D = 128: 4 x 3 x 8 KB; both 96 KB, two CTAs (16 or 8 warps) per SM.
-  // D = 256: 4 x 2 x 16 KB = 128 KB, one CTA.
+  // D = 64: 8 warps x 2 stages x 4 KB; D = 128: 4 x 2 x 8 KB; both 64 KB, two CTAs (16 or 8 warps) per SM
+  // (registers cap it there). D = 256: 4 x 2 x 16 KB = 128 KB, one CTA.
   static constexpr int kWarps = D == 64 ? 8 : 4;
   static constexpr int kThreads = kWarps * 32;
   static constexpr int kPanels = D / kPanelCols;
   static constexpr int kStageBytes = 2 * kPanels * kPanelBytes;  // K panels, then V panels
-  static constexpr int kStagesPerWarp = D == 256 ? 2 : 3;
+  static constexpr int kStagesPerWarp = 2;
   static constexpr int kStages = kWarps * kStagesPerWarp;
   // At D = 256 a tile's fragments (128 registers) do not fit beside O: the stage is held through the math.
   static constexpr bool kEarlyRelease = D <= 128;
