@@ -8,15 +8,18 @@ and SDPA on three 2-wave benchmark shapes. The benchmark shapes themselves are t
 usage: python scripts/decode_probe.py [waves | triton-configs]"""
 from __future__ import annotations
 
+import itertools
 import statistics
 import sys
 
 import torch
 
 from mpskern import ops
+from mpskern.models import get_model
 from mpskern.paged_kv import contiguous_decode_inputs, decode_inputs
 from mpskern.reference import sdpa_decode_contiguous
 from mpskern.timing import rotating, time_per_call_ms
+from mpskern.triton import decode_attention as td
 
 CTX = 2048
 SETS = 2  # buffer sets that alternate, so no call runs from L2
@@ -34,6 +37,18 @@ def median_us(fns) -> float:
     return statistics.median(time_per_call_ms(rotating(fns), calls=20, rounds=10)) * 1e3
 
 
+def paged_us(sets, backend: str = "cuda", num_splits: int | None = None) -> float:
+    """Median µs of one paged decode call, alternating over `sets` of decode_inputs."""
+    return median_us([lambda s=s: ops.decode_attention(s[0], s[1].k_cache, s[1].v_cache, s[1].block_table,
+                                                       s[1].seq_lens, out=s[2], backend=backend,
+                                                       num_splits=num_splits) for s in sets])
+
+
+def sdpa_us(dense_sets) -> float:
+    """Median µs of SDPA over contiguous KV, alternating over `dense_sets` of contiguous_decode_inputs."""
+    return median_us([lambda s=s: sdpa_decode_contiguous(*s) for s in dense_sets])
+
+
 def fit(points):  # least squares t = a + bytes / r
     xs, ys = [p[0] for p in points], [p[1] for p in points]
     mx, my = statistics.fmean(xs), statistics.fmean(ys)
@@ -49,13 +64,10 @@ def main() -> None:
             nbytes = b * CTX * 2 * kvh * d * 2
             sets = [decode_inputs(b, CTX, h, kvh, d, page_size=page, seed=i) for i in range(SETS)]
             for variant, (backend, splits) in VARIANTS.items():
-                fns = [lambda s=s, be=backend, n=splits: ops.decode_attention(
-                    s[0], s[1].k_cache, s[1].v_cache, s[1].block_table, s[1].seq_lens, out=s[2], backend=be,
-                    num_splits=n) for s in sets]
-                rows[variant].append((nbytes, median_us(fns)))
+                rows[variant].append((nbytes, paged_us(sets, backend, splits)))
             del sets
             dense = [contiguous_decode_inputs(b, CTX, h, kvh, d, seed=100 + i) for i in range(SETS)]
-            rows["sdpa"].append((nbytes, median_us([lambda s=s: sdpa_decode_contiguous(*s) for s in dense])))
+            rows["sdpa"].append((nbytes, sdpa_us(dense)))
             del dense
             torch.cuda.empty_cache()
         print(f"\n{name}, ctx {CTX}")
@@ -72,22 +84,16 @@ def waves() -> None:
     print(torch.cuda.get_device_name(), f"H{h}/{kvh} D{d} ctx {CTX}: batch (CTAs) cuda_s1 / sdpa µs")
     for b in range(96, 297, 8):
         sets = [decode_inputs(b, CTX, h, kvh, d, seed=i) for i in range(SETS)]
-        cuda = median_us([lambda s=s: ops.decode_attention(s[0], s[1].k_cache, s[1].v_cache, s[1].block_table,
-                                                           s[1].seq_lens, out=s[2], num_splits=1) for s in sets])
+        cuda = paged_us(sets, num_splits=1)
         del sets
         dense = [contiguous_decode_inputs(b, CTX, h, kvh, d, seed=100 + i) for i in range(SETS)]
-        sdpa = median_us([lambda s=s: sdpa_decode_contiguous(*s) for s in dense])
+        sdpa = sdpa_us(dense)
         del dense
         torch.cuda.empty_cache()
         print(f"  {b} ({b * kvh}) {cuda:.1f} / {sdpa:.1f}", flush=True)
 
 
 def triton_configs() -> None:
-    import itertools
-
-    from mpskern.models import get_model
-    from mpskern.triton import decode_attention as td
-
     shapes = [("Qwen2.5-3B", 1024, 512), ("Qwen2.5-3B", 256, 2048), ("Qwen2.5-7B", 256, 2048)]
     print(torch.cuda.get_device_name(), "µs at", ", ".join(f"{m[7:]} {b}x{c}" for m, b, c in shapes))
     paged, dense = [], []
@@ -98,13 +104,9 @@ def triton_configs() -> None:
                       for i in range(SETS)])
 
     def row(backend: str) -> str:
-        times = [median_us([lambda s=s: ops.decode_attention(
-            s[0], s[1].k_cache, s[1].v_cache, s[1].block_table, s[1].seq_lens, out=s[2], backend=backend,
-            num_splits=1) for s in sets]) for sets in paged]
-        return " ".join(f"{t:.1f}" for t in times)
+        return " ".join(f"{paged_us(sets, backend, num_splits=1):.1f}" for sets in paged)
 
-    print("  sdpa", " ".join(f"{median_us([lambda s=s: sdpa_decode_contiguous(*s) for s in sets]):.1f}"
-                             for sets in dense))
+    print("  sdpa", " ".join(f"{sdpa_us(sets):.1f}" for sets in dense))
     print("  cuda", row("cuda"), flush=True)
     shipped = td.CONFIGS[128]
     try:
@@ -116,5 +118,8 @@ def triton_configs() -> None:
 
 
 if __name__ == "__main__":
-    modes = {"waves": waves, "triton-configs": triton_configs}
-    modes[sys.argv[1]]() if sys.argv[1:] else main()
+    modes = {"": main, "waves": waves, "triton-configs": triton_configs}
+    mode = " ".join(sys.argv[1:])
+    if mode not in modes:
+        sys.exit(f"unknown mode {mode!r}; usage: python scripts/decode_probe.py [waves | triton-configs]")
+    modes[mode]()
