@@ -6,7 +6,7 @@ import torch
 
 from conftest import rel_err
 from mpskern import ops
-from mpskern.decode_plan import CUDA_SPLITS, MAX_HEADS_PER_CTA, TRITON_SPLITS, plan_decode
+from mpskern.decode_plan import CUDA_ROUND_SPLITS, CUDA_SPLITS, MAX_HEADS_PER_CTA, TRITON_SPLITS, plan_decode
 from mpskern.paged_kv import make_paged_kv
 from mpskern.reference import decode_attention_dense, decode_attention_naive
 
@@ -70,6 +70,16 @@ def test_triton_needs_more_ctas_before_it_stays_unsplit():
     assert plan_decode(**kw, policy=TRITON_SPLITS).num_splits == 9  # 128 CTAs -> two waves of 528 slots
 
 
+@pytest.mark.parametrize("batch,kvh,splits", [(8, 2, 16), (8, 4, 8), (64, 2, 1), (3, 2, 43)])
+def test_round_kernel_splits_never_start_an_extra_wave(batch, kvh, splits):
+    """One wave of 2 wide slots per SM at most: 8 x 32768 with 4 KV heads takes 8 splits (256 CTAs), where
+    rounding up would give 17 (544 CTAs, a thin second wave even for the narrow kernel's 528 slots). With 3
+    sequences, 44 splits of 745 tokens round to 43 of 768."""
+    plan = plan_decode(batch=batch, kv_heads=kvh, group=7, max_context=32768, num_sms=132, ctas_per_sm=2,
+                       tile_tokens=64, policy=CUDA_ROUND_SPLITS)
+    assert plan.num_splits == splits and batch * kvh * plan.num_splits <= 264
+
+
 def test_plan_decode_forced_splits():
     plan = plan_decode(batch=4, kv_heads=2, group=7, max_context=1000, num_sms=132, ctas_per_sm=2, tile_tokens=64,
                        policy=CUDA_SPLITS, num_splits=3)
@@ -84,9 +94,9 @@ def test_cuda_backend_plans_from_the_kernels_occupancy_once_per_shape(monkeypatc
     calls = []
 
     class StubExtension:
-        def decode_attention_info(self, *, dtype, head_dim, heads_per_chunk, page_size):
-            calls.append((dtype, head_dim, heads_per_chunk, page_size))
-            return {"num_sms": 132, "blocks_per_sm": 2}
+        def decode_attention_info(self, *, dtype, head_dim, heads_per_chunk, page_size, grid_size):
+            calls.append((dtype, head_dim, heads_per_chunk, page_size, grid_size))
+            return {"name": "decode_attention_tma", "num_sms": 132, "blocks_per_sm": 2}
 
         def decode_attention_tile_tokens(self):
             return 64
@@ -96,7 +106,7 @@ def test_cuda_backend_plans_from_the_kernels_occupancy_once_per_shape(monkeypatc
     cuda_backend._cached_plan.cache_clear()
     for _ in range(3):
         plan = cuda_backend.decode_plan(8, 34, 2, 128, 32768, torch.bfloat16, 16)
-    assert calls == [(1, 128, 9, 16)]  # group 17 -> two chunks of <= 9 heads; queried once
+    assert calls == [(1, 128, 9, 16, 8 * 2 * 2)]  # group 17 -> two chunks of <= 9 heads; queried once, unsplit grid
     assert plan == plan_decode(batch=8, kv_heads=2, group=17, max_context=32768, num_sms=132, ctas_per_sm=2,
                                tile_tokens=64, policy=CUDA_SPLITS)
     cuda_backend._cached_plan.cache_clear()

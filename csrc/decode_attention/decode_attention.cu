@@ -11,12 +11,14 @@
 #include "decode_attention/combine_kernel.cuh"
 #include "decode_attention/decode_attention.h"
 #include "decode_attention/decode_attention_kernel.cuh"
+#include "decode_attention/decode_attention_round_kernel.cuh"
 #include "decode_attention/decode_attention_tma_kernel.cuh"
 
 namespace mpskern {
 namespace {
 
 using decode::Config;
+using decode::RoundConfig;
 using decode::TmaConfig;
 
 // Queries (and sets the >48 KB shared-memory opt-in) once per device and kernel.
@@ -43,16 +45,41 @@ const KernelInfo& tma_info() {
                      decode::tma_smem_bytes<T, D, M>());
 }
 
-// The TMA kernel needs sm_90 code loaded for this device (a build for 80 only runs sm_80 code on Hopper, where
-// the kernel body is empty) and whole 16-token tiles inside one page.
+template <typename T, int D, int M, bool kWide>
+const KernelInfo& round_info() {
+  return cached_info(kWide ? "decode_attention_round_wide" : "decode_attention_round_narrow",
+                     decode::decode_attention_round_kernel<T, D, M, kWide>, RoundConfig<D, kWide>::kThreads,
+                     decode::round_smem_bytes<D, kWide>());
+}
+
+// Which attention kernel a launch takes. The TMA kernels need sm_90 code loaded for this device (a build for
+// 80 only runs sm_80 code on Hopper, where their bodies are empty) and whole 16-token tiles inside one page;
+// anything else takes cp.async. With TMA, D = 64 takes the per-warp kernel and D >= 128 the round kernel,
+// wide when the whole grid fits in one wave of wide CTAs, else narrow (decode_attention_round_kernel.cuh).
+enum class Kernel { kCpAsync, kTma, kRoundNarrow, kRoundWide };
+
 template <typename T, int D, int M>
-bool tma_usable(int page_size) {
-  return page_size >= decode::kTileTokens && tma_info<T, D, M>().binary_version >= 90;
+Kernel choose_kernel(int page_size, long long grid) {
+  if (page_size < decode::kTileTokens) return Kernel::kCpAsync;
+  if constexpr (D == 64) {
+    return tma_info<T, D, M>().binary_version >= 90 ? Kernel::kTma : Kernel::kCpAsync;
+  } else {
+    const KernelInfo& wide = round_info<T, D, M, true>();
+    if (wide.binary_version < 90) return Kernel::kCpAsync;
+    return grid <= static_cast<long long>(wide.blocks_per_sm) * wide.num_sms ? Kernel::kRoundWide
+                                                                               : Kernel::kRoundNarrow;
+  }
 }
 
 template <typename T, int D, int M>
-const KernelInfo& attention_info(int page_size) {
-  return tma_usable<T, D, M>(page_size) ? tma_info<T, D, M>() : cp_async_info<T, D, M>();
+const KernelInfo& attention_info(Kernel kernel) {
+  if constexpr (D == 64) {
+    if (kernel == Kernel::kTma) return tma_info<T, D, M>();
+  } else {
+    if (kernel == Kernel::kRoundWide) return round_info<T, D, M, true>();
+    if (kernel == Kernel::kRoundNarrow) return round_info<T, D, M, false>();
+  }
+  return cp_async_info<T, D, M>();
 }
 
 // The cache as [num_pages * page_size rows][kv_heads][D]: a box is one 64-column panel of 16 rows of a KV head.
@@ -136,12 +163,14 @@ void check_params(const DecodeParams& p) {
 
 }  // namespace
 
-int decode_attention_tile_tokens() { return decode::kTileTokens * Config<128>::kWarps; }
+// A split's tokens are whole wide rounds (64), which the narrow rounds and the per-warp kernels' tiles divide.
+int decode_attention_tile_tokens() { return RoundConfig<128, true>::kRoundTokens; }
 
 KernelInfo decode_attention_info(DType dtype, int head_dim, int heads_per_chunk, int page_size,
                                  long long grid_size) {
-  KernelInfo info = dispatch(dtype, head_dim, heads_per_chunk,
-                             [&]<typename T, int D, int M>() { return attention_info<T, D, M>(page_size); });
+  KernelInfo info = dispatch(dtype, head_dim, heads_per_chunk, [&]<typename T, int D, int M>() {
+    return attention_info<T, D, M>(choose_kernel<T, D, M>(page_size, grid_size));
+  });
   info.grid_size = grid_size;
   return info;
 }
@@ -158,20 +187,29 @@ void decode_attention(const DecodeParams& p, DType dtype, cudaStream_t stream) {
   MPSK_REQUIRE(grid < (1ll << 31), "launch too large: " << grid << " CTAs");
   dispatch(dtype, p.head_dim, p.heads_per_chunk, [&]<typename T, int D, int M>() {
     // TMA coordinates are int32 and its global addresses 16-byte aligned; anything else takes cp.async.
-    const bool tma = tma_usable<T, D, M>(p.page_size) &&
-                     static_cast<long long>(p.num_pages) * p.page_size <= INT_MAX &&
-                     reinterpret_cast<uintptr_t>(p.k_cache) % 16 == 0 && reinterpret_cast<uintptr_t>(p.v_cache) % 16 == 0;
-    if (tma) {
-      const KernelInfo& info = tma_info<T, D, M>();
-      const auto [map_k, map_v] = kv_tensor_maps<T, D>(p);
-      decode::decode_attention_tma_kernel<T, D, M>
-          <<<static_cast<unsigned>(grid), info.block_size, info.dynamic_smem, stream>>>(p, map_k, map_v);
-      MPSK_LAUNCH_CHECK("decode_attention_tma_kernel");
-    } else {
-      const KernelInfo& info = cp_async_info<T, D, M>();
-      decode::decode_attention_kernel<T, D, M>
-          <<<static_cast<unsigned>(grid), info.block_size, info.dynamic_smem, stream>>>(p);
+    const bool tma_ok = static_cast<long long>(p.num_pages) * p.page_size <= INT_MAX &&
+                        reinterpret_cast<uintptr_t>(p.k_cache) % 16 == 0 && reinterpret_cast<uintptr_t>(p.v_cache) % 16 == 0;
+    const Kernel kernel = tma_ok ? choose_kernel<T, D, M>(p.page_size, grid) : Kernel::kCpAsync;
+    const KernelInfo& info = attention_info<T, D, M>(kernel);
+    const dim3 blocks(static_cast<unsigned>(grid));
+    if (kernel == Kernel::kCpAsync) {
+      decode::decode_attention_kernel<T, D, M><<<blocks, info.block_size, info.dynamic_smem, stream>>>(p);
       MPSK_LAUNCH_CHECK("decode_attention_kernel");
+    } else {
+      const auto [map_k, map_v] = kv_tensor_maps<T, D>(p);
+      if constexpr (D == 64) {
+        decode::decode_attention_tma_kernel<T, D, M>
+            <<<blocks, info.block_size, info.dynamic_smem, stream>>>(p, map_k, map_v);
+        MPSK_LAUNCH_CHECK("decode_attention_tma_kernel");
+      } else if (kernel == Kernel::kRoundWide) {
+        decode::decode_attention_round_kernel<T, D, M, true>
+            <<<blocks, info.block_size, info.dynamic_smem, stream>>>(p, map_k, map_v);
+        MPSK_LAUNCH_CHECK("decode_attention_round_kernel (wide)");
+      } else {
+        decode::decode_attention_round_kernel<T, D, M, false>
+            <<<blocks, info.block_size, info.dynamic_smem, stream>>>(p, map_k, map_v);
+        MPSK_LAUNCH_CHECK("decode_attention_round_kernel (narrow)");
+      }
     }
     if (p.num_splits > 1) {
       combine_info<T>();  // shared-memory opt-in

@@ -64,6 +64,38 @@ struct WorkItem {
   __device__ int page_of(int tok) const { return __ldg(table + (min(tok, last_token) >> page_shift)); }
 };
 
+// The CTA's query heads as m16n8k16 A-fragments over D: a0 (g, k..k+1), a1 (g+8, k..), a2 (g, k+8..),
+// a3 (g+8, k+8..) for k step kk, with g = lane / 4 and k = 16 kk + 2 (lane % 4). Rows past the CTA's heads
+// (or past M) are zero.
+template <typename T, int D, int M>
+__device__ __forceinline__ void load_q_fragments(uint32_t (&qa)[D / 16][4], const DecodeParams& p, const WorkItem& w,
+                                                 int lane) {
+  const int g = lane / 4, tq = lane % 4;
+  const T* qb = static_cast<const T*>(p.q) + w.b * p.q_stride_b;
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int row = g + 8 * r;
+    const bool ok = row < w.nheads && row < M;
+    const T* qrow = qb + (w.head0 + (ok ? row : 0)) * p.q_stride_h;
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) {
+      const int k = kk * 16 + tq * 2;
+      qa[kk][r] = ok ? *reinterpret_cast<const uint32_t*>(qrow + k) : 0u;
+      qa[kk][r + 2] = ok ? *reinterpret_cast<const uint32_t*>(qrow + k + 8) : 0u;
+    }
+  }
+}
+
+// Masks for the two B-fragment registers of a 16-token V slice loaded with ldmatrix.trans, which hands this
+// lane tokens (2 tq, 2 tq + 1), low half first, and +8 for the second register: they keep the halves of the
+// first `valid` tokens. V rows past the end may hold anything (a TMA tile covers whole page rows), so their
+// P.V contribution is zeroed in registers, where 0 * (inf or nan) would otherwise poison the sum.
+__device__ __forceinline__ void v_token_masks(uint32_t (&vmask)[2], int tq, int valid) {
+#pragma unroll
+  for (int h = 0; h < 2; ++h)
+    vmask[h] = (2 * tq + 8 * h < valid ? 0x0000ffffu : 0u) | (2 * tq + 8 * h + 1 < valid ? 0xffff0000u : 0u);
+}
+
 // M = 8 or 16 query heads per CTA. With M = 8 rows 8..15 of the MMA tiles are zero padding that is never
 // kept in registers.
 template <typename T, int D, int M>
@@ -80,19 +112,7 @@ struct WarpAttention {
 
   __device__ WarpAttention(const DecodeParams& p, const WorkItem& w, int lane)
       : g(lane / 4), tq(lane % 4), scale_log2(p.scale * 1.4426950408889634f) {
-    const T* qb = static_cast<const T*>(p.q) + w.b * p.q_stride_b;
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      const int row = g + 8 * r;
-      const bool ok = row < w.nheads && row < M;
-      const T* qrow = qb + (w.head0 + (ok ? row : 0)) * p.q_stride_h;
-#pragma unroll
-      for (int kk = 0; kk < KSTEPS; ++kk) {
-        const int k = kk * 16 + tq * 2;
-        qa[kk][r] = ok ? *reinterpret_cast<const uint32_t*>(qrow + k) : 0u;
-        qa[kk][r + 2] = ok ? *reinterpret_cast<const uint32_t*>(qrow + k + 8) : 0u;
-      }
-    }
+    load_q_fragments<T, D, M>(qa, p, w, lane);
 #pragma unroll
     for (int r = 0; r < R; ++r) {
       m_run[r] = -INFINITY;
@@ -130,9 +150,8 @@ struct WarpAttention {
     for (int nd = 0; nd < D / 16; ++nd) load_v(f.v[nd], lay, nd, lane);
   }
 
-  // One 16-token tile starting at token tok0; tokens >= end are masked. kMaskV: V rows past `end` may hold
-  // anything (a TMA tile covers whole page rows), so their P.V contribution is zeroed in registers, where
-  // 0 * (inf or nan) would otherwise poison the sum. The cp.async path zero-fills them instead.
+  // One 16-token tile starting at token tok0; tokens >= end are masked. kMaskV: V rows past `end` are zeroed
+  // in registers (v_token_masks); the cp.async path zero-fills them in shared memory instead.
   // consume() reads the fragments from shared memory as the math needs them (fewest live registers);
   // compute() takes them preloaded, so the caller can reuse the tile's shared memory first.
   template <bool kMaskV, typename Layout>
@@ -222,15 +241,8 @@ struct WarpAttention {
       pa[1] = 0u;
       pa[3] = 0u;
     }
-    // ldmatrix.trans hands this lane tokens (2 tq, 2 tq + 1) of a matrix, low half first; +8 for matrices
-    // 1 and 3. Masks keep the halves of valid tokens.
     uint32_t vmask[2] = {0xffffffffu, 0xffffffffu};
-    if constexpr (kMaskV) {
-      const int valid = end - tok0;
-#pragma unroll
-      for (int h = 0; h < 2; ++h)
-        vmask[h] = (2 * tq + 8 * h < valid ? 0x0000ffffu : 0u) | (2 * tq + 8 * h + 1 < valid ? 0xffff0000u : 0u);
-    }
+    if constexpr (kMaskV) v_token_masks(vmask, tq, end - tok0);
 #pragma unroll
     for (int nd = 0; nd < D / 16; ++nd) {
       uint32_t vb[4];

@@ -11,7 +11,8 @@ from typing import Any
 
 import torch
 
-from .decode_plan import CUDA_SPLITS, DecodePlan, head_chunking, plan_decode, split_workspace
+from .decode_plan import (CUDA_ROUND_SPLITS, CUDA_SPLITS, DecodePlan, SplitPolicy, head_chunking, plan_decode,
+                          split_workspace)
 
 try:
     from . import _C
@@ -39,8 +40,8 @@ def extension() -> Any:
 
 def decode_plan(batch: int, heads: int, kv_heads: int, head_dim: int, max_context: int, dtype: torch.dtype,
                 page_size: int, num_splits: int | None = None) -> DecodePlan:
-    """The launch the CUDA kernel uses for these sizes (also what kernel_info reports). The page size picks
-    the kernel (TMA for pages of 16 tokens or more on sm_90, else cp.async), whose occupancy feeds the plan."""
+    """The launch the CUDA kernel uses for these sizes (also what kernel_info reports). The page size, head_dim
+    and unsplit grid pick the kernel (decode_attention.cu), whose occupancy feeds the plan."""
     return _cached_plan(torch.cuda.current_device(), batch, heads, kv_heads, head_dim, max_context, dtype, page_size,
                         num_splits)
 
@@ -53,12 +54,18 @@ def _cached_plan(device_index: int, batch: int, heads: int, kv_heads: int, head_
     del device_index
     ext = extension()
     group = heads // kv_heads
-    _, heads_per_chunk = head_chunking(group)
+    head_chunks, heads_per_chunk = head_chunking(group)
     res = ext.decode_attention_info(dtype=_DTYPE_CODES[dtype], head_dim=head_dim, heads_per_chunk=heads_per_chunk,
-                                    page_size=page_size)
+                                    page_size=page_size, grid_size=batch * kv_heads * head_chunks)
     return plan_decode(batch=batch, kv_heads=kv_heads, group=group, max_context=max_context,
                        num_sms=res["num_sms"], ctas_per_sm=res["blocks_per_sm"],
-                       tile_tokens=ext.decode_attention_tile_tokens(), policy=CUDA_SPLITS, num_splits=num_splits)
+                       tile_tokens=ext.decode_attention_tile_tokens(), policy=split_policy(res["name"]),
+                       num_splits=num_splits)
+
+
+def split_policy(kernel_name: str) -> SplitPolicy:
+    """How the CUDA backend splits for the kernel that would run unsplit (decode_plan.py has the measurements)."""
+    return CUDA_ROUND_SPLITS if kernel_name.startswith("decode_attention_round") else CUDA_SPLITS
 
 
 def decode_attention(q, k_cache, v_cache, block_table, seq_lens, scale, out, num_splits=None):

@@ -7,8 +7,9 @@ device), so the plan is fixed for a CUDA graph.
 
 Splitting costs: the partials' write, the combine kernel and its launch take 8 to 13 us per call on H100.
 How many CTAs a kernel needs to stream KV at its full rate is measured per kernel (BENCHMARKS.md) and kept
-in its SplitPolicy: the CUDA kernel keeps its full rate with one CTA per SM (3B shapes, 128 unsplit CTAs:
-53 us for 134 MB, on the same time-vs-bytes line as 1024 CTAs); the Triton kernel needs about two.
+in its SplitPolicy: the CUDA kernels keep their full rate with one CTA per SM (per-warp kernel on H100, 3B
+shapes, 128 unsplit CTAs: 53 us for 134 MB, on the same time-vs-bytes line as 1024 CTAs; the wide round
+kernel on H200, 3B 64 x 8192: 127 us unsplit); the Triton kernel needs about two.
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ MIN_TOKENS_PER_SPLIT = 256  # below this the combine traffic and per-CTA start-u
 class SplitPolicy:
     unsplit_ctas_per_sm: float  # an unsplit grid with at least this many CTAs per SM is left unsplit
     waves: int  # otherwise split until the grid fills this many waves of CTA slots
+    at_most: bool = False  # round the split count down: never start a thin extra wave
 
 
 # Measured on H100 at the benchmark shapes (3B unless said). CUDA at 64 x 8192 (128 CTAs): unsplit 190 us
@@ -32,6 +34,11 @@ class SplitPolicy:
 # wave of splits 212, two 193; but unsplit wins at 256 CTAs (7B 64 x 8192: 371 vs 381 us).
 CUDA_SPLITS = SplitPolicy(unsplit_ctas_per_sm=0.8, waves=2)
 TRITON_SPLITS = SplitPolicy(unsplit_ctas_per_sm=1.5, waves=2)
+# The CUDA round kernel (D >= 128 on sm_90) is planned with the occupancy of its wide shape, which serves
+# grids of up to one wave. Measured on H200 at 8 x 32768: one wave of wide CTAs (3B 16 splits 69.1 us, 7B 8
+# splits 127.2) beat two of narrow ones (71.2, 129.6), and 17 splits (544 CTAs for 528 narrow slots) took
+# 7B 156 us: the 16 CTAs of the thin second wave stream alone.
+CUDA_ROUND_SPLITS = SplitPolicy(unsplit_ctas_per_sm=0.8, waves=1, at_most=True)
 
 
 @dataclass(frozen=True)
@@ -72,7 +79,8 @@ def plan_decode(
         if base >= policy.unsplit_ctas_per_sm * num_sms:
             num_splits = 1
         else:
-            wanted = math.ceil(policy.waves * num_sms * max(ctas_per_sm, 1) / base)
+            slots = policy.waves * num_sms * max(ctas_per_sm, 1)
+            wanted = slots // base if policy.at_most else math.ceil(slots / base)
             num_splits = max(1, min(wanted, max_context // MIN_TOKENS_PER_SPLIT))
     if num_splits < 1:
         raise ValueError(f"num_splits must be >= 1; got {num_splits}")

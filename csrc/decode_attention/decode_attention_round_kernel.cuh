@@ -1,0 +1,312 @@
+// Paged decode attention on tensor cores, TMA version with CTA-wide rounds (sm_90, D >= 128, pages of at least
+// 16 tokens). D = 64 takes the per-warp TMA kernel (decode_attention_tma_kernel.cuh).
+//
+// The CTA's 4 math warps share each round of kRoundTokens tokens, in a ring of kStages rounds:
+//   1. each warp computes S = Q K^T for its own kWarpTokens of the round (full D);
+//   2. the row maxima meet in shared memory (barrier), and every warp rescales with the round's maximum;
+//   3. P goes through shared memory as MMA A-fragments (barrier);
+//   4. each warp accumulates O += P V over the whole round for its own D / 4 columns.
+// A warp then holds a quarter of the accumulator and no K/V fragments: 84 to 96 registers at D = 128
+// (the per-warp kernel needs 194), so more warps fit per SM. Measured on H200 (BENCHMARKS.md), that, not the
+// bytes in flight, is what closed most of the gap to cuDNN at D = 128.
+//
+// Two shapes, chosen per launch by the grid (decode_attention.cu):
+//   narrow: 32-token rounds, warp 0 refills a stage at the first barrier of the round after its last use;
+//           48 KB of ring at D = 128, 4 CTAs (16 warps) per SM, for grids that fill the GPU.
+//   wide:   64-token rounds and a fifth warp that only issues copies (waiting on `empty`), so the refill
+//           is off the math warps' path; 96 KB, 2 CTAs per SM. A lone narrow CTA streams about 18 GB/s
+//           (its rounds are latency-bound), a wide one about 32: grids of at most one wide wave take it.
+#pragma once
+#include <cuda.h>
+
+#include "common/tma.cuh"
+#include "decode_attention/tma_tile.cuh"
+#include "decode_attention/warp_attention.cuh"
+
+namespace mpskern::decode {
+
+template <int D, bool kWide>
+struct RoundConfig {
+  static constexpr int kWarps = 4;          // math warps
+  static constexpr bool kProducer = kWide;  // a fifth warp issues the copies
+  static constexpr int kThreads = (kWarps + kProducer) * 32;
+  static constexpr int kWarpTokens = kWide ? 16 : 8;  // S columns per warp per round
+  static constexpr int kRoundTokens = kWarps * kWarpTokens;
+  static constexpr int kTiles = kRoundTokens / kTileTokens;  // 16-row TMA tiles per round
+  static constexpr int kStageBytes = kTiles * TmaTile<D>::kBytes;
+  // Measured at D = 128 (BENCHMARKS.md): narrow with 2 stages (6 CTAs per SM) was 1 to 25% slower, with 4
+  // (3 CTAs) up to 30%; wide with 2 stages (3 CTAs) 1 to 10% slower on the grids it serves.
+  static constexpr int kStages = 3;
+  static constexpr int kCols = D / kWarps;  // O columns per math warp
+  static_assert(32 % kTiles == 0, "a round's page ids come from one 32-tile window");
+};
+
+template <int D, bool kWide>
+constexpr int round_smem_bytes() {
+  using C = RoundConfig<D, kWide>;
+  return C::kStages * C::kStageBytes + kTmaSwizzleAlign;  // slack to align the ring by hand
+}
+
+// tmap_k / tmap_v: the caches as 3-D tensors [num_pages * page_size][kv_heads][D] with a {64, 1, 16} box.
+template <typename T, int D, int M, bool kWide>
+__global__ void __launch_bounds__(RoundConfig<D, kWide>::kThreads)
+    decode_attention_round_kernel(const __grid_constant__ DecodeParams p, const __grid_constant__ CUtensorMap tmap_k,
+                                  const __grid_constant__ CUtensorMap tmap_v) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  using C = RoundConfig<D, kWide>;
+  constexpr int R = M / 8;                // accumulator rows per thread: g (and g + 8 when M == 16)
+  constexpr int KSTEPS = D / 16;
+  constexpr int NT = C::kWarpTokens / 8;  // n8 tiles of S per warp
+  constexpr int ONT = C::kCols / 8;       // n8 tiles of O per warp
+  constexpr int S = C::kStages;
+  constexpr int kIssuer = C::kProducer ? C::kWarps : 0;
+
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  unsigned char* ring = swizzle_aligned(smem_raw);
+  __shared__ uint64_t full[S], empty[S];
+  __shared__ uint2 pbuf[C::kRoundTokens / 8][32];  // P of a round as A-fragment halves, one n8 tile per row
+  __shared__ float red[C::kWarps][M];              // per-warp row maxima; at the end, row sums
+
+  const int lane = threadIdx.x % 32;
+  const int warp = threadIdx.x / 32;
+  const int g = lane / 4, tq = lane % 4;
+  const WorkItem w(p, blockIdx.x);
+  const int n_rounds = (w.n_tiles + C::kTiles - 1) / C::kTiles;
+  if (threadIdx.x == 0) {
+    for (int s = 0; s < S; ++s) {
+      tma::mbar_init(&full[s], 1);  // the issuer's arrive; the copies add their bytes
+      if constexpr (C::kProducer) tma::mbar_init(&empty[s], C::kWarps);  // one arrive per math warp
+    }
+    tma::mbar_init_fence();
+  }
+  __syncthreads();
+
+  // The issuing warp's lane l holds the page id of tile 32 k + l of the CTA's range, and of the next window.
+  auto page_of_tile = [&](int t) { return w.page_of(w.begin + t * kTileTokens); };
+  int ids = 0, ids_next = 0;
+  if (warp == kIssuer) {
+    ids = page_of_tile(lane);
+    ids_next = page_of_tile(32 + lane);
+  }
+  auto issue = [&](int r) {  // the issuing warp, rounds in increasing order
+    const int t0 = r * C::kTiles;
+    if ((t0 & 31) == 0 && t0 > 0) {
+      ids = ids_next;
+      ids_next = page_of_tile(t0 + 32 + lane);
+    }
+    int pg[C::kTiles];
+#pragma unroll
+    for (int j = 0; j < C::kTiles; ++j) pg[j] = __shfl_sync(0xffffffffu, ids, (t0 + j) & 31);
+    if (lane == 0) {
+      const int nt = min(C::kTiles, w.n_tiles - t0);  // the last round may end early
+      unsigned char* st = ring + (r % S) * C::kStageBytes;
+      tma::fence_proxy_async();  // the math warps' reads of this stage come before the copies' writes
+      tma::mbar_arrive_expect_tx(&full[r % S], nt * TmaTile<D>::kBytes);
+#pragma unroll
+      for (int j = 0; j < C::kTiles; ++j) {
+        const int row = pg[j] * p.page_size + ((w.begin + (t0 + j) * kTileTokens) & (p.page_size - 1));
+        if (j < nt) load_tile<D>(st + j * TmaTile<D>::kBytes, &tmap_k, &tmap_v, w.kvh, row, &full[r % S]);
+      }
+    }
+  };
+  if constexpr (C::kProducer) {
+    if (warp == kIssuer) {
+      for (int r = 0; r < n_rounds; ++r) {
+        if (r >= S) tma::mbar_wait(&empty[r % S], (r / S - 1) & 1);
+        issue(r);
+      }
+      return;  // the math warps synchronise among themselves from here on
+    }
+  } else if (warp == kIssuer) {
+    for (int r = 0; r < S && r < n_rounds; ++r) issue(r);
+  }
+  // The math warps' barrier. Without a producer it is the CTA's: bar.sync 1 with a thread count in its place
+  // was 0.3 to 1.4% slower at D = 128 (A/B on H200, BENCHMARKS.md).
+  auto sync_math = [] {
+    if constexpr (C::kProducer) {
+      asm volatile("bar.sync 1, %0;\n" ::"n"(C::kWarps * 32) : "memory");
+    } else {
+      __syncthreads();
+    }
+  };
+
+  uint32_t qa[KSTEPS][4];
+  load_q_fragments<T, D, M>(qa, p, w, lane);
+  const float scale_log2 = p.scale * 1.4426950408889634f;
+  float m_run[R], l_run[R], o[ONT][2 * R];  // the softmax state is the same in every warp; O is this warp's columns
+#pragma unroll
+  for (int r = 0; r < R; ++r) {
+    m_run[r] = -INFINITY;
+    l_run[r] = 0.f;
+  }
+#pragma unroll
+  for (int n = 0; n < ONT; ++n)
+#pragma unroll
+    for (int j = 0; j < 2 * R; ++j) o[n][j] = 0.f;
+
+  const int mat = lane / 8;  // the ldmatrix matrix this lane addresses
+  const int wt0 = warp * C::kWarpTokens;
+  for (int rnd = 0; rnd < n_rounds; ++rnd) {
+    tma::mbar_wait(&full[rnd % S], (rnd / S) & 1);
+    const unsigned char* st = ring + (rnd % S) * C::kStageBytes;
+    const int round0 = w.begin + rnd * C::kRoundTokens;
+
+    // 1. S = Q K^T for this warp's tokens, the k steps in two independent MMA chains.
+    const SwizzledTile<T, D> ktile{st + (wt0 / kTileTokens) * TmaTile<D>::kBytes};
+    float s[NT][4] = {}, s_odd[NT][4] = {};
+    if constexpr (NT == 2) {  // 16 tokens: matrices (tok 0-7, k lo), (tok 0-7, k hi), (tok 8-15, lo), (8-15, hi)
+#pragma unroll
+      for (int kk = 0; kk < KSTEPS; ++kk) {
+        uint32_t kb[4];
+        ptx::ldmatrix_x4(kb, ktile.k((mat >> 1) * 8 + lane % 8, kk * 2 + (mat & 1)));
+        const uint32_t b0[2] = {kb[0], kb[1]}, b1[2] = {kb[2], kb[3]};
+        ptx::mma_16816<T>(kk % 2 ? s_odd[0] : s[0], qa[kk], b0);
+        ptx::mma_16816<T>(kk % 2 ? s_odd[1] : s[1], qa[kk], b1);
+      }
+    } else {  // 8 tokens: matrices (k lo, k hi) of k step kk, then of kk + 1
+      const int row0 = wt0 % kTileTokens;
+#pragma unroll
+      for (int kk = 0; kk < KSTEPS; kk += 2) {
+        uint32_t kb[4];
+        ptx::ldmatrix_x4(kb, ktile.k(row0 + lane % 8, kk * 2 + mat));
+        const uint32_t b0[2] = {kb[0], kb[1]}, b1[2] = {kb[2], kb[3]};
+        ptx::mma_16816<T>(s[0], qa[kk], b0);
+        ptx::mma_16816<T>(s_odd[0], qa[kk + 1], b1);
+      }
+    }
+
+#pragma unroll
+    for (int n = 0; n < NT; ++n)
+#pragma unroll
+      for (int j = 0; j < 4; ++j) s[n][j] += s_odd[n][j];
+
+    // 2. Mask, scale, the warp's row maxima, then the round's.
+    const int end = w.end;
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      float mx = -INFINITY;
+#pragma unroll
+      for (int n = 0; n < NT; ++n)
+#pragma unroll
+        for (int j = 0; j < 2; ++j) {
+          const int tok = round0 + wt0 + n * 8 + tq * 2 + j;
+          float x = s[n][2 * r + j] * scale_log2;
+          x = tok < end ? x : -INFINITY;  // a select: stale or garbage K rows never leak through
+          s[n][2 * r + j] = x;
+          mx = fmaxf(mx, x);
+        }
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+      if (tq == 0) red[warp][g + 8 * r] = mx;
+    }
+    sync_math();  // maxima in; every warp is also done with the previous round's stage
+    if constexpr (!C::kProducer) {
+      if (warp == kIssuer && rnd > 0 && rnd - 1 + S < n_rounds) issue(rnd - 1 + S);
+    }
+    float rescale[R];
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      float m_new = m_run[r];
+#pragma unroll
+      for (int v = 0; v < C::kWarps; ++v) m_new = fmaxf(m_new, red[v][g + 8 * r]);
+      const float m_use = m_new == -INFINITY ? 0.f : m_new;  // fully masked so far: keep exp2 finite
+      rescale[r] = exp2f(m_run[r] - m_use);
+      m_run[r] = m_new;
+      float sum = 0.f;
+#pragma unroll
+      for (int n = 0; n < NT; ++n)
+#pragma unroll
+        for (int j = 0; j < 2; ++j) {
+          s[n][2 * r + j] = exp2f(s[n][2 * r + j] - m_use);
+          sum += s[n][2 * r + j];
+        }
+      l_run[r] = l_run[r] * rescale[r] + sum;  // this thread's tokens only: summed over quads and warps at the end
+    }
+#pragma unroll
+    for (int n = 0; n < ONT; ++n)
+#pragma unroll
+      for (int j = 0; j < 2 * R; ++j) o[n][j] *= rescale[j / 2];
+
+    // 3. P's accumulator layout is the A-fragment layout: n8 tile t holds a0/a1 (t even) or a2/a3 (t odd) of
+    // k step t / 2. With M = 8, rows 8..15 are zero.
+#pragma unroll
+    for (int n = 0; n < NT; ++n)
+      pbuf[warp * NT + n][lane] =
+          make_uint2(ptx::pack2<T>(s[n][0], s[n][1]), R == 2 ? ptx::pack2<T>(s[n][2], s[n][3]) : 0u);
+    sync_math();  // P in
+
+    // 4. O += P V over the round's tiles, this warp's columns.
+#pragma unroll
+    for (int j = 0; j < C::kTiles; ++j) {
+      const int valid = end - (round0 + j * kTileTokens);
+      if (valid <= 0) break;  // not loaded: the last round ended early
+      const uint2 lo = pbuf[2 * j][lane], hi = pbuf[2 * j + 1][lane];
+      const uint32_t pa[4] = {lo.x, lo.y, hi.x, hi.y};
+      uint32_t vmask[2];
+      v_token_masks(vmask, tq, valid);
+      const SwizzledTile<T, D> vtile{st + j * TmaTile<D>::kBytes};
+#pragma unroll
+      for (int nd = 0; nd < C::kCols / 16; ++nd) {
+        uint32_t vb[4];  // matrices: (tok 0-7, d lo), (tok 8-15, d lo), (tok 0-7, d hi), (tok 8-15, d hi)
+        ptx::ldmatrix_x4_trans(vb, vtile.v((mat & 1) * 8 + lane % 8, warp * (C::kCols / 8) + nd * 2 + (mat >> 1)));
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const uint32_t bfrag[2] = {vb[2 * h] & vmask[0], vb[2 * h + 1] & vmask[1]};
+          float acc[4] = {o[2 * nd + h][0], o[2 * nd + h][1], 0.f, 0.f};
+          if constexpr (R == 2) {
+            acc[2] = o[2 * nd + h][2];
+            acc[3] = o[2 * nd + h][3];
+          }
+          ptx::mma_16816<T>(acc, pa, bfrag);
+#pragma unroll
+          for (int jj = 0; jj < 2 * R; ++jj) o[2 * nd + h][jj] = acc[jj];
+        }
+      }
+    }
+    if constexpr (C::kProducer) {
+      __syncwarp();
+      if (lane == 0) tma::mbar_arrive(&empty[rnd % S]);  // this warp is done with the stage
+    }
+  }
+
+  // Row sums over the quad, then over the warps (red is free: its last reads came before the last P barrier).
+#pragma unroll
+  for (int r = 0; r < R; ++r) {
+    float l = l_run[r];
+    l += __shfl_xor_sync(0xffffffffu, l, 1);
+    l += __shfl_xor_sync(0xffffffffu, l, 2);
+    if (tq == 0) red[warp][g + 8 * r] = l;
+  }
+  sync_math();
+  const bool direct = p.num_splits == 1;
+#pragma unroll
+  for (int r = 0; r < R; ++r) {
+    const int row = g + 8 * r;
+    if (row >= w.nheads) continue;
+    float l = 0.f;
+#pragma unroll
+    for (int v = 0; v < C::kWarps; ++v) l += red[v][row];
+    const float inv = l > 0.f ? 1.f / l : 0.f;  // an empty range writes zeros (and LSE -inf)
+    const int h = w.head0 + row;
+    const long long bh = static_cast<long long>(w.b) * p.heads + h;
+#pragma unroll
+    for (int n = 0; n < ONT; ++n) {
+      const int d = warp * C::kCols + n * 8 + tq * 2;
+      const float x = o[n][2 * r] * inv, y = o[n][2 * r + 1] * inv;
+      if (direct) {
+        T* dst = static_cast<T*>(p.out) + w.b * p.out_stride_b + h * p.out_stride_h + d;
+        dst[0] = ptx::from_float<T>(x);
+        dst[1] = ptx::from_float<T>(y);
+      } else {
+        *reinterpret_cast<float2*>(p.o_partial + (bh * p.num_splits + w.split) * D + d) = make_float2(x, y);
+      }
+    }
+    if (!direct && warp == 0 && tq == 0) {
+      // log2-domain max and sum back to the natural-log LSE of the scaled scores.
+      p.lse[bh * p.num_splits + w.split] = l > 0.f ? (m_run[r] + log2f(l)) * 0.6931471805599453f : -INFINITY;
+    }
+  }
+#endif
+}
+
+}  // namespace mpskern::decode
