@@ -1,9 +1,13 @@
-"""Render a pytest-benchmark JSON (benchmarks/) as the Markdown table kept in BENCHMARKS.md."""
+"""Render a pytest-benchmark JSON (benchmarks/) as the Markdown table kept in BENCHMARKS.md: one row per
+shape, each backend's time, KV GB/s, % of the copy ceiling and ratio to torch side by side.
+usage: python scripts/bench_table.py BENCH_JSON"""
 from __future__ import annotations
 
 import json
 import subprocess
 import sys
+
+from mpskern.models import get_model
 
 
 def main(path: str) -> None:
@@ -15,16 +19,28 @@ def main(path: str) -> None:
     rows = [b["extra_info"] for b in data["benchmarks"] if b.get("extra_info")]
     if not rows:
         sys.exit("no benchmark rows with extra_info")
-    first = rows[0]
-    print(f"card: {first['device']} · copy ceiling {first['copy_gbs']:.0f} GB/s (read + write, same run) · "
-          f"commit {commit}\n")
-    print("| kernel | backend | model | batch × ctx | time (µs) | KV GB/s | % copy BW | torch (µs) | × torch |")
-    print("| --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: |")
+    shapes: dict[tuple, dict[str, dict]] = {}
     for r in rows:
-        print(f"| {r['kernel']} | {r['backend']} | {r['model']} | {r['batch']} × {r['context']} | "
-              f"{r['time_ms'] * 1e3:.1f} | {r['kv_gbs']:.0f} | {r['pct_of_copy_bw']:.1f} | "
-              f"{r['torch_ms'] * 1e3:.1f} | {r['speedup_vs_torch']:.2f} |")
+        shapes.setdefault((r["model"], r["batch"], r["context"]), {})[r["backend"]] = r
+    backends = sorted({r["backend"] for r in rows}, key=["cuda", "triton"].index)
+    print(f"card: {rows[0]['device']} · copy ceiling {rows[0]['copy_gbs']:.0f} GB/s (read + write, same run) · "
+          f"commit {commit}\n")
+    cols = [f"{b} {c}" for b in backends for c in ("µs", "GB/s", "% copy", "× torch")]
+    print("| model (H/KVH, D) | B × ctx | KV MB | " + " | ".join(cols) + " | torch µs | cuDNN µs | flash µs |")
+    print("| --- | --- | ---: | " + " | ".join("---:" for _ in cols) + " | ---: | ---: | ---: |")
+    for (model, batch, ctx), by in shapes.items():
+        m, any_r = get_model(model), next(iter(by.values()))
+        cells = []
+        for b in backends:
+            r = by[b]
+            cells += [f"{r['time_ms'] * 1e3:.1f}", f"{r['kv_gbs']:.0f}", f"{r['pct_of_copy_bw']:.1f}",
+                      f"{r['speedup_vs_torch']:.2f}"]
+        print(f"| {model} ({m.heads}/{m.kv_heads}, {m.head_dim}) | {batch} × {ctx} | {any_r['kv_bytes'] / 1e6:.0f} | "
+              + " | ".join(cells) + f" | {any_r['torch_ms'] * 1e3:.1f} | {any_r['sdpa_cudnn_ms'] * 1e3:.1f} | "
+              f"{any_r['sdpa_flash_ms'] * 1e3:.1f} |")
 
 
 if __name__ == "__main__":
+    if len(sys.argv) != 2:
+        sys.exit(__doc__)
     main(sys.argv[1])

@@ -6,9 +6,9 @@
 //   2. the row maxima meet in shared memory (barrier), and every warp rescales with the round's maximum;
 //   3. P goes through shared memory as MMA A-fragments (barrier);
 //   4. each warp accumulates O += P V over the whole round for its own D / 4 columns.
-// A warp then holds a quarter of the accumulator and no K/V fragments: 84 to 96 registers at D = 128
-// (the per-warp kernel needs 194), so more warps fit per SM. Measured on H200 (BENCHMARKS.md), that, not the
-// bytes in flight, is what closed most of the gap to cuDNN at D = 128.
+// A warp then holds a quarter of the accumulator and no K/V fragments: 80 to 113 registers at D = 128
+// (the per-warp kernel needs 194), so shared memory, not registers, sets the CTAs per SM. Measured on H200
+// (BENCHMARKS.md), 16 warps per SM, not more bytes in flight, is what closed most of the gap to cuDNN.
 //
 // Two shapes, chosen per launch by the grid (decode_attention.cu):
 //   narrow: 32-token rounds, warp 0 refills a stage at the first barrier of the round after its last use;
@@ -34,8 +34,8 @@ struct RoundConfig {
   static constexpr int kRoundTokens = kWarps * kWarpTokens;
   static constexpr int kTiles = kRoundTokens / kTileTokens;  // 16-row TMA tiles per round
   static constexpr int kStageBytes = kTiles * TmaTile<D>::kBytes;
-  // Measured at D = 128 (BENCHMARKS.md): narrow with 2 stages (6 CTAs per SM) was 1 to 25% slower, with 4
-  // (3 CTAs) up to 30%; wide with 2 stages (3 CTAs) 1 to 10% slower on the grids it serves.
+  // Measured at D = 128 on the grids each shape serves (BENCHMARKS.md): narrow with 2 stages (6 CTAs per SM)
+  // was 1 to 15% slower, 32-token rounds with 4 stages (3 CTAs) up to 18%; wide with 2 stages 0 to 10%.
   static constexpr int kStages = 3;
   static constexpr int kCols = D / kWarps;  // O columns per math warp
   static_assert(32 % kTiles == 0, "a round's page ids come from one 32-tile window");
