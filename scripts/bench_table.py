@@ -22,7 +22,7 @@ def main(path: str) -> None:
     shapes: dict[tuple, dict[str, dict]] = {}
     for r in rows:
         shapes.setdefault((r["model"], r["batch"], r["context"]), {})[r["backend"]] = r
-    backends = sorted({r["backend"] for r in rows}, key=["cuda", "triton"].index)
+    backends = sorted({r["backend"] for r in rows}, key=lambda b: (b != "cuda", b))  # cuda first
     print(f"card: {rows[0]['device']} · copy ceiling {rows[0]['copy_gbs']:.0f} GB/s (read + write, same run) · "
           f"commit {commit}\n")
     cols = [f"{b} {c}" for b in backends for c in ("µs", "GB/s", "% copy", "× torch")]

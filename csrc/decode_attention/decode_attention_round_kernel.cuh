@@ -181,46 +181,22 @@ __global__ void __launch_bounds__(RoundConfig<D, kWide>::kThreads)
       for (int j = 0; j < 4; ++j) s[n][j] += s_odd[n][j];
 
     // 2. Mask, scale, the warp's row maxima, then the round's.
-    const int end = w.end;
 #pragma unroll
     for (int r = 0; r < R; ++r) {
-      float mx = -INFINITY;
-#pragma unroll
-      for (int n = 0; n < NT; ++n)
-#pragma unroll
-        for (int j = 0; j < 2; ++j) {
-          const int tok = round0 + wt0 + n * 8 + tq * 2 + j;
-          float x = s[n][2 * r + j] * scale_log2;
-          x = tok < end ? x : -INFINITY;  // a select: stale or garbage K rows never leak through
-          s[n][2 * r + j] = x;
-          mx = fmaxf(mx, x);
-        }
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+      const float mx = masked_row_max(s, r, round0 + wt0, w.end, tq, scale_log2);
       if (tq == 0) red[warp][g + 8 * r] = mx;
     }
     sync_math();  // maxima in; every warp is also done with the previous round's stage
     if constexpr (!C::kProducer) {
       if (warp == kIssuer && rnd > 0 && rnd - 1 + S < n_rounds) issue(rnd - 1 + S);
     }
-    float rescale[R];
+    float rescale[R];  // l_run: this thread's tokens only, summed over quads and warps at the end
 #pragma unroll
     for (int r = 0; r < R; ++r) {
       float m_new = m_run[r];
 #pragma unroll
       for (int v = 0; v < C::kWarps; ++v) m_new = fmaxf(m_new, red[v][g + 8 * r]);
-      const float m_use = m_new == -INFINITY ? 0.f : m_new;  // fully masked so far: keep exp2 finite
-      rescale[r] = exp2f(m_run[r] - m_use);
-      m_run[r] = m_new;
-      float sum = 0.f;
-#pragma unroll
-      for (int n = 0; n < NT; ++n)
-#pragma unroll
-        for (int j = 0; j < 2; ++j) {
-          s[n][2 * r + j] = exp2f(s[n][2 * r + j] - m_use);
-          sum += s[n][2 * r + j];
-        }
-      l_run[r] = l_run[r] * rescale[r] + sum;  // this thread's tokens only: summed over quads and warps at the end
+      rescale[r] = online_softmax_row(s, r, m_new, m_run[r], l_run[r]);
     }
 #pragma unroll
     for (int n = 0; n < ONT; ++n)
@@ -238,7 +214,7 @@ __global__ void __launch_bounds__(RoundConfig<D, kWide>::kThreads)
     // 4. O += P V over the round's tiles, this warp's columns.
 #pragma unroll
     for (int j = 0; j < C::kTiles; ++j) {
-      const int valid = end - (round0 + j * kTileTokens);
+      const int valid = w.end - (round0 + j * kTileTokens);
       if (valid <= 0) break;  // not loaded: the last round ended early
       const uint2 lo = pbuf[2 * j][lane], hi = pbuf[2 * j + 1][lane];
       const uint32_t pa[4] = {lo.x, lo.y, hi.x, hi.y};
@@ -249,18 +225,7 @@ __global__ void __launch_bounds__(RoundConfig<D, kWide>::kThreads)
       for (int nd = 0; nd < C::kCols / 16; ++nd) {
         uint32_t vb[4];  // matrices: (tok 0-7, d lo), (tok 8-15, d lo), (tok 0-7, d hi), (tok 8-15, d hi)
         ptx::ldmatrix_x4_trans(vb, vtile.v((mat & 1) * 8 + lane % 8, warp * (C::kCols / 8) + nd * 2 + (mat >> 1)));
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          const uint32_t bfrag[2] = {vb[2 * h] & vmask[0], vb[2 * h + 1] & vmask[1]};
-          float acc[4] = {o[2 * nd + h][0], o[2 * nd + h][1], 0.f, 0.f};
-          if constexpr (R == 2) {
-            acc[2] = o[2 * nd + h][2];
-            acc[3] = o[2 * nd + h][3];
-          }
-          ptx::mma_16816<T>(acc, pa, bfrag);
-#pragma unroll
-          for (int jj = 0; jj < 2 * R; ++jj) o[2 * nd + h][jj] = acc[jj];
-        }
+        mma_pv_16cols<T, R>(o[2 * nd], o[2 * nd + 1], pa, vb, vmask);
       }
     }
     if constexpr (C::kProducer) {

@@ -96,6 +96,68 @@ __device__ __forceinline__ void v_token_masks(uint32_t (&vmask)[2], int tq, int 
     vmask[h] = (2 * tq + 8 * h < valid ? 0x0000ffffu : 0u) | (2 * tq + 8 * h + 1 < valid ? 0xffff0000u : 0u);
 }
 
+// Online softmax over one row of a lane's scores s[NT][4] (n8 tiles of an m16n8 accumulator: row g in
+// entries 0-1, row g + 8 in 2-3, tokens tok0 + 8 n + 2 tq + {0, 1}); a row lives in one quad of lanes.
+// First: scale into the log2 domain, mask tokens >= end, and return the row's maximum over the quad.
+template <int NT>
+__device__ __forceinline__ float masked_row_max(float (&s)[NT][4], int r, int tok0, int end, int tq,
+                                                float scale_log2) {
+  float mx = -INFINITY;
+#pragma unroll
+  for (int n = 0; n < NT; ++n)
+#pragma unroll
+    for (int j = 0; j < 2; ++j) {
+      const int tok = tok0 + n * 8 + tq * 2 + j;
+      float x = s[n][2 * r + j] * scale_log2;
+      x = tok < end ? x : -INFINITY;  // a select: stale or garbage K rows (even nan) never leak through
+      s[n][2 * r + j] = x;
+      mx = fmaxf(mx, x);
+    }
+  mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+  return fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+}
+
+// Then, with the new running maximum m_new: the row's probabilities in place, this lane's share of the
+// running sum, and the factor the accumulator must be rescaled by.
+template <int NT>
+__device__ __forceinline__ float online_softmax_row(float (&s)[NT][4], int r, float m_new, float& m_run,
+                                                    float& l_run) {
+  const float m_use = m_new == -INFINITY ? 0.f : m_new;  // fully masked so far: keep exp2 finite
+  const float rescale = exp2f(m_run - m_use);
+  m_run = m_new;
+  float sum = 0.f;
+#pragma unroll
+  for (int n = 0; n < NT; ++n)
+#pragma unroll
+    for (int j = 0; j < 2; ++j) {
+      const float e = exp2f(s[n][2 * r + j] - m_use);
+      s[n][2 * r + j] = e;
+      sum += e;
+    }
+  l_run = l_run * rescale + sum;
+  return rescale;
+}
+
+// O += P V for one 16-token k step and 16 columns: vb is V's ldmatrix.trans x4 (two n8 column tiles), vmask
+// its token masks (v_token_masks); lo / hi hold the two tiles' accumulators, rows g and (R == 2) g + 8.
+template <typename T, int R>
+__device__ __forceinline__ void mma_pv_16cols(float (&lo)[2 * R], float (&hi)[2 * R], const uint32_t (&pa)[4],
+                                              const uint32_t (&vb)[4], const uint32_t (&vmask)[2]) {
+  auto step = [&](float(&o)[2 * R], int h) {
+    const uint32_t bfrag[2] = {vb[2 * h] & vmask[0], vb[2 * h + 1] & vmask[1]};
+    float acc[4] = {o[0], o[1], 0.f, 0.f};
+    if constexpr (R == 2) {
+      acc[2] = o[2];
+      acc[3] = o[3];
+    }
+    ptx::mma_16816<T>(acc, pa, bfrag);
+#pragma unroll
+    for (int j = 0; j < 2 * R; ++j) o[j] = acc[j];
+  };
+  step(lo, 0);
+  step(hi, 1);
+}
+
 // M = 8 or 16 query heads per CTA. With M = 8 rows 8..15 of the MMA tiles are zero padding that is never
 // kept in registers.
 template <typename T, int D, int M>
@@ -193,37 +255,12 @@ struct WarpAttention {
         for (int j = 0; j < 4; ++j) s[n][j] += s_odd[n][j];
     }
 
-    // Mask tokens past the end, rescale, online softmax per row (a row lives in one quad of lanes).
+    // Mask tokens past the end, rescale, online softmax per row.
     float rescale[R];
 #pragma unroll
     for (int r = 0; r < R; ++r) {
-      float mx = -INFINITY;
-#pragma unroll
-      for (int n = 0; n < 2; ++n)
-#pragma unroll
-        for (int j = 0; j < 2; ++j) {
-          const int tok = tok0 + n * 8 + tq * 2 + j;
-          float x = s[n][2 * r + j] * scale_log2;
-          x = tok < end ? x : -INFINITY;  // a select: garbage K rows (even nan) never leak through
-          s[n][2 * r + j] = x;
-          mx = fmaxf(mx, x);
-        }
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-      const float m_new = fmaxf(m_run[r], mx);
-      const float m_use = m_new == -INFINITY ? 0.f : m_new;  // fully masked so far: keep exp2 finite
-      rescale[r] = exp2f(m_run[r] - m_use);
-      m_run[r] = m_new;
-      float sum = 0.f;
-#pragma unroll
-      for (int n = 0; n < 2; ++n)
-#pragma unroll
-        for (int j = 0; j < 2; ++j) {
-          const float e = exp2f(s[n][2 * r + j] - m_use);
-          s[n][2 * r + j] = e;
-          sum += e;
-        }
-      l_run[r] = l_run[r] * rescale[r] + sum;
+      const float mx = masked_row_max(s, r, tok0, end, tq, scale_log2);
+      rescale[r] = online_softmax_row(s, r, fmaxf(m_run[r], mx), m_run[r], l_run[r]);
     }
 #pragma unroll
     for (int n = 0; n < NTILES; ++n)
@@ -247,18 +284,7 @@ struct WarpAttention {
     for (int nd = 0; nd < D / 16; ++nd) {
       uint32_t vb[4];
       v_frag(vb, nd);
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const uint32_t bfrag[2] = {vb[2 * h] & vmask[0], vb[2 * h + 1] & vmask[1]};
-        float acc[4] = {o[2 * nd + h][0], o[2 * nd + h][1], 0.f, 0.f};
-        if constexpr (R == 2) {
-          acc[2] = o[2 * nd + h][2];
-          acc[3] = o[2 * nd + h][3];
-        }
-        ptx::mma_16816<T>(acc, pa, bfrag);
-#pragma unroll
-        for (int j = 0; j < 2 * R; ++j) o[2 * nd + h][j] = acc[j];
-      }
+      mma_pv_16cols<T, R>(o[2 * nd], o[2 * nd + 1], pa, vb, vmask);
     }
   }
 };
