@@ -70,14 +70,16 @@ def test_triton_needs_more_ctas_before_it_stays_unsplit():
     assert plan_decode(**kw, policy=TRITON_SPLITS).num_splits == 9  # 128 CTAs -> two waves of 528 slots
 
 
-@pytest.mark.parametrize("batch,kvh,splits", [(8, 2, 16), (8, 4, 8), (64, 2, 1), (3, 2, 43)])
-def test_round_kernel_splits_never_start_an_extra_wave(batch, kvh, splits):
-    """One wave of 2 wide slots per SM at most: 8 x 32768 with 4 KV heads takes 8 splits (256 CTAs), where
-    rounding up would give 17 (544 CTAs, a thin second wave even for the narrow kernel's 528 slots). With 3
-    sequences, 44 splits of 745 tokens round to 43 of 768."""
-    plan = plan_decode(batch=batch, kv_heads=kvh, group=7, max_context=32768, num_sms=132, ctas_per_sm=2,
+@pytest.mark.parametrize("batch,kvh,ctas_per_sm,splits",
+                         [(8, 2, 2, 16), (8, 4, 2, 8), (64, 2, 2, 1), (3, 2, 2, 43), (8, 2, 1, 8), (8, 4, 1, 4)])
+def test_round_kernel_splits_never_start_an_extra_wave(batch, kvh, ctas_per_sm, splits):
+    """One wave of the round kernel's slots at most: with 2 wide slots per SM, 8 x 32768 with 4 KV heads takes
+    8 splits (256 CTAs), where rounding up would give 17 (544 CTAs, a thin second wave even for the narrow
+    kernel's 528 slots); with 1 deep slot per SM, 4 (128 CTAs). With 3 sequences, 44 splits of 745 tokens
+    round to 43 of 768."""
+    plan = plan_decode(batch=batch, kv_heads=kvh, group=7, max_context=32768, num_sms=132, ctas_per_sm=ctas_per_sm,
                        tile_tokens=64, policy=CUDA_ROUND_SPLITS)
-    assert plan.num_splits == splits and batch * kvh * plan.num_splits <= 264
+    assert plan.num_splits == splits and batch * kvh * plan.num_splits <= 132 * ctas_per_sm
 
 
 def test_plan_decode_forced_splits():

@@ -19,6 +19,7 @@ namespace {
 
 using decode::Config;
 using decode::RoundConfig;
+using decode::RoundShape;
 using decode::TmaConfig;
 
 // Queries (and sets the >48 KB shared-memory opt-in) once per device and kernel.
@@ -45,18 +46,37 @@ const KernelInfo& tma_info() {
                      decode::tma_smem_bytes<T, D, M>());
 }
 
-template <typename T, int D, int M, bool kWide>
+constexpr const char* round_kernel_name(RoundShape shape) {
+  switch (shape) {
+    case RoundShape::kNarrow: return "decode_attention_round_narrow";
+    case RoundShape::kWide: return "decode_attention_round_wide";
+    case RoundShape::kDeep: return "decode_attention_round_deep";
+  }
+  return "";
+}
+
+template <typename T, int D, int M, RoundShape kShape>
 const KernelInfo& round_info() {
-  return cached_info(kWide ? "decode_attention_round_wide" : "decode_attention_round_narrow",
-                     decode::decode_attention_round_kernel<T, D, M, kWide>, RoundConfig<D, kWide>::kThreads,
-                     decode::round_smem_bytes<D, kWide>());
+  return cached_info(round_kernel_name(kShape), decode::decode_attention_round_kernel<T, D, M, kShape>,
+                     RoundConfig<D, kShape>::kThreads, decode::round_smem_bytes<D, kShape>());
 }
 
 // Which attention kernel a launch takes. The TMA kernels need sm_90 code loaded for this device (a build for
 // 80 only runs sm_80 code on Hopper, where their bodies are empty) and whole 16-token tiles inside one page;
-// anything else takes cp.async. With TMA, D = 64 takes the per-warp kernel and D >= 128 the round kernel,
-// wide when the whole grid fits in one wave of wide CTAs, else narrow (decode_attention_round_kernel.cuh).
-enum class Kernel { kCpAsync, kTma, kRoundNarrow, kRoundWide };
+// anything else takes cp.async. With TMA, D = 64 takes the per-warp kernel and D >= 128 the round kernel in
+// the shape with the fewest CTAs per SM whose one wave holds the whole grid: deep (1 per SM), wide (2), else
+// narrow (decode_attention_round_kernel.cuh).
+enum class Kernel { kCpAsync, kTma, kRoundNarrow, kRoundWide, kRoundDeep };
+
+// Calls f.template operator()<shape>() for a round kernel.
+template <int D, typename F>
+decltype(auto) with_round_shape(Kernel kernel, F&& f) {
+  if constexpr (decode::kHasDeepShape<D>) {
+    if (kernel == Kernel::kRoundDeep) return f.template operator()<RoundShape::kDeep>();
+  }
+  return kernel == Kernel::kRoundWide ? f.template operator()<RoundShape::kWide>()
+                                      : f.template operator()<RoundShape::kNarrow>();
+}
 
 template <typename T, int D, int M>
 Kernel choose_kernel(int page_size, long long grid) {
@@ -64,10 +84,13 @@ Kernel choose_kernel(int page_size, long long grid) {
   if constexpr (D == 64) {
     return tma_info<T, D, M>().binary_version >= 90 ? Kernel::kTma : Kernel::kCpAsync;
   } else {
-    const KernelInfo& wide = round_info<T, D, M, true>();
+    const KernelInfo& wide = round_info<T, D, M, RoundShape::kWide>();
     if (wide.binary_version < 90) return Kernel::kCpAsync;
-    return grid <= static_cast<long long>(wide.blocks_per_sm) * wide.num_sms ? Kernel::kRoundWide
-                                                                               : Kernel::kRoundNarrow;
+    auto one_wave = [&](const KernelInfo& k) { return grid <= static_cast<long long>(k.blocks_per_sm) * k.num_sms; };
+    if constexpr (decode::kHasDeepShape<D>) {
+      if (one_wave(round_info<T, D, M, RoundShape::kDeep>())) return Kernel::kRoundDeep;
+    }
+    return one_wave(wide) ? Kernel::kRoundWide : Kernel::kRoundNarrow;
   }
 }
 
@@ -75,9 +98,10 @@ template <typename T, int D, int M>
 const KernelInfo& attention_info(Kernel kernel) {
   if constexpr (D == 64) {
     if (kernel == Kernel::kTma) return tma_info<T, D, M>();
-  } else {
-    if (kernel == Kernel::kRoundWide) return round_info<T, D, M, true>();
-    if (kernel == Kernel::kRoundNarrow) return round_info<T, D, M, false>();
+  } else if (kernel != Kernel::kCpAsync) {
+    return with_round_shape<D>(kernel, [&]<RoundShape kShape>() -> const KernelInfo& {
+      return round_info<T, D, M, kShape>();
+    });
   }
   return cp_async_info<T, D, M>();
 }
@@ -164,7 +188,7 @@ void check_params(const DecodeParams& p) {
 }  // namespace
 
 // A split's tokens are whole wide rounds (64), which the narrow rounds and the per-warp kernels' tiles divide.
-int decode_attention_tile_tokens() { return RoundConfig<128, true>::kRoundTokens; }
+int decode_attention_tile_tokens() { return RoundConfig<128, RoundShape::kWide>::kRoundTokens; }
 
 KernelInfo decode_attention_info(DType dtype, int head_dim, int heads_per_chunk, int page_size,
                                  long long grid_size) {
@@ -201,14 +225,12 @@ void decode_attention(const DecodeParams& p, DType dtype, cudaStream_t stream) {
         decode::decode_attention_tma_kernel<T, D, M>
             <<<blocks, info.block_size, info.dynamic_smem, stream>>>(p, map_k, map_v);
         MPSK_LAUNCH_CHECK("decode_attention_tma_kernel");
-      } else if (kernel == Kernel::kRoundWide) {
-        decode::decode_attention_round_kernel<T, D, M, true>
-            <<<blocks, info.block_size, info.dynamic_smem, stream>>>(p, map_k, map_v);
-        MPSK_LAUNCH_CHECK("decode_attention_round_kernel (wide)");
       } else {
-        decode::decode_attention_round_kernel<T, D, M, false>
-            <<<blocks, info.block_size, info.dynamic_smem, stream>>>(p, map_k, map_v);
-        MPSK_LAUNCH_CHECK("decode_attention_round_kernel (narrow)");
+        with_round_shape<D>(kernel, [&]<RoundShape kShape>() {
+          decode::decode_attention_round_kernel<T, D, M, kShape>
+              <<<blocks, info.block_size, info.dynamic_smem, stream>>>(p, map_k, map_v);
+          MPSK_LAUNCH_CHECK(info.name);
+        });
       }
     }
     if (p.num_splits > 1) {

@@ -10,12 +10,16 @@
 // (the per-warp kernel needs 194), so shared memory, not registers, sets the CTAs per SM. Measured on H200
 // (BENCHMARKS.md), 16 warps per SM, not more bytes in flight, is what closed most of the gap to cuDNN.
 //
-// Two shapes, chosen per launch by the grid (decode_attention.cu):
+// Three shapes, chosen per launch by the grid (decode_attention.cu):
 //   narrow: 32-token rounds, warp 0 refills a stage at the first barrier of the round after its last use;
 //           48 KB of ring at D = 128, 4 CTAs (16 warps) per SM, for grids that fill the GPU.
 //   wide:   64-token rounds and a fifth warp that only issues copies (waiting on `empty`), so the refill
 //           is off the math warps' path; 96 KB, 2 CTAs per SM. A lone narrow CTA streams about 18 GB/s
 //           (its rounds are latency-bound), a wide one about 32: grids of at most one wide wave take it.
+//   deep:   wide with a 192 KB ring (6 rounds at D = 128), one CTA per SM, for grids of at most one CTA per
+//           SM. 32 GB/s per CTA is just the copy rate over 132 SMs, so 128 wide CTAs fell 3% short of SDPA
+//           (3B 64 x 8192); with 5 rounds in flight instead of 2 they match it. At D = 256 the wide ring is
+//           already 192 KB, so deep is wide there and is not built.
 #pragma once
 #include <cuda.h>
 
@@ -25,35 +29,42 @@
 
 namespace mpskern::decode {
 
-template <int D, bool kWide>
+enum class RoundShape { kNarrow, kWide, kDeep };
+
+template <int D, RoundShape kShape>
 struct RoundConfig {
-  static constexpr int kWarps = 4;          // math warps
-  static constexpr bool kProducer = kWide;  // a fifth warp issues the copies
+  static constexpr int kWarps = 4;                                  // math warps
+  static constexpr bool kProducer = kShape != RoundShape::kNarrow;  // a fifth warp issues the copies
   static constexpr int kThreads = (kWarps + kProducer) * 32;
-  static constexpr int kWarpTokens = kWide ? 16 : 8;  // S columns per warp per round
+  static constexpr int kWarpTokens = kProducer ? 16 : 8;  // S columns per warp per round
   static constexpr int kRoundTokens = kWarps * kWarpTokens;
   static constexpr int kTiles = kRoundTokens / kTileTokens;  // 16-row TMA tiles per round
   static constexpr int kStageBytes = kTiles * TmaTile<D>::kBytes;
   // Measured at D = 128 on the grids each shape serves (BENCHMARKS.md): narrow with 2 stages (6 CTAs per SM)
-  // was 1 to 15% slower, 32-token rounds with 4 stages (3 CTAs) up to 18%; wide with 2 stages 0 to 10%.
-  static constexpr int kStages = 3;
+  // was 1 to 15% slower, 32-token rounds with 4 stages (3 CTAs) up to 18%; wide with 2 stages 0 to 10%;
+  // deep with 4, 5 or 6 stages the same.
+  static constexpr int kStages = kShape == RoundShape::kDeep ? (192 << 10) / kStageBytes : 3;
   static constexpr int kCols = D / kWarps;  // O columns per math warp
   static_assert(32 % kTiles == 0, "a round's page ids come from one 32-tile window");
 };
 
-template <int D, bool kWide>
+template <int D, RoundShape kShape>
 constexpr int round_smem_bytes() {
-  using C = RoundConfig<D, kWide>;
+  using C = RoundConfig<D, kShape>;
   return C::kStages * C::kStageBytes + kTmaSwizzleAlign;  // slack to align the ring by hand
 }
 
+// Deep only where its ring is deeper than wide's (D = 128); elsewhere it would be a copy of the wide kernel.
+template <int D>
+constexpr bool kHasDeepShape = RoundConfig<D, RoundShape::kDeep>::kStages > RoundConfig<D, RoundShape::kWide>::kStages;
+
 // tmap_k / tmap_v: the caches as 3-D tensors [num_pages * page_size][kv_heads][D] with a {64, 1, 16} box.
-template <typename T, int D, int M, bool kWide>
-__global__ void __launch_bounds__(RoundConfig<D, kWide>::kThreads)
+template <typename T, int D, int M, RoundShape kShape>
+__global__ void __launch_bounds__(RoundConfig<D, kShape>::kThreads)
     decode_attention_round_kernel(const __grid_constant__ DecodeParams p, const __grid_constant__ CUtensorMap tmap_k,
                                   const __grid_constant__ CUtensorMap tmap_v) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  using C = RoundConfig<D, kWide>;
+  using C = RoundConfig<D, kShape>;
   constexpr int R = M / 8;                // accumulator rows per thread: g (and g + 8 when M == 16)
   constexpr int KSTEPS = D / 16;
   constexpr int NT = C::kWarpTokens / 8;  // n8 tiles of S per warp
