@@ -143,17 +143,9 @@ __global__ void __launch_bounds__(RoundConfig<D, kShape>::kThreads)
 
   uint32_t qa[KSTEPS][4];
   load_q_fragments<T, D, M>(qa, p, w, lane);
-  const float scale_log2 = p.scale * 1.4426950408889634f;
+  const float scale_log2 = log2_scale(p);
   float m_run[R], l_run[R], o[ONT][2 * R];  // the softmax state is the same in every warp; O is this warp's columns
-#pragma unroll
-  for (int r = 0; r < R; ++r) {
-    m_run[r] = -INFINITY;
-    l_run[r] = 0.f;
-  }
-#pragma unroll
-  for (int n = 0; n < ONT; ++n)
-#pragma unroll
-    for (int j = 0; j < 2 * R; ++j) o[n][j] = 0.f;
+  reset_softmax_state(m_run, l_run, o);
 
   const int mat = lane / 8;  // the ldmatrix matrix this lane addresses
   const int wt0 = warp * C::kWarpTokens;
@@ -278,8 +270,7 @@ __global__ void __launch_bounds__(RoundConfig<D, kShape>::kThreads)
       }
     }
     if (!direct && warp == 0 && tq == 0) {
-      // log2-domain max and sum back to the natural-log LSE of the scaled scores.
-      p.lse[bh * p.num_splits + w.split] = l > 0.f ? (m_run[r] + log2f(l)) * 0.6931471805599453f : -INFINITY;
+      p.lse[bh * p.num_splits + w.split] = natural_lse(m_run[r], l);
     }
   }
 #endif

@@ -96,6 +96,28 @@ __device__ __forceinline__ void v_token_masks(uint32_t (&vmask)[2], int tq, int 
     vmask[h] = (2 * tq + 8 * h < valid ? 0x0000ffffu : 0u) | (2 * tq + 8 * h + 1 < valid ? 0xffff0000u : 0u);
 }
 
+// The softmax scale in the log2 domain the kernels work in (exp2 instead of exp).
+__device__ __forceinline__ float log2_scale(const DecodeParams& p) { return p.scale * 1.4426950408889634f; }
+
+// A row's log2-domain maximum and sum back to the natural-log LSE of its scaled scores (-inf when empty).
+__device__ __forceinline__ float natural_lse(float m_log2, float l) {
+  return l > 0.f ? (m_log2 + log2f(l)) * 0.6931471805599453f : -INFINITY;
+}
+
+// An empty softmax state: R rows' running maxima and sums, and NT n8 tiles of the O accumulator.
+template <int R, int NT>
+__device__ __forceinline__ void reset_softmax_state(float (&m_run)[R], float (&l_run)[R], float (&o)[NT][2 * R]) {
+#pragma unroll
+  for (int r = 0; r < R; ++r) {
+    m_run[r] = -INFINITY;
+    l_run[r] = 0.f;
+  }
+#pragma unroll
+  for (int n = 0; n < NT; ++n)
+#pragma unroll
+    for (int j = 0; j < 2 * R; ++j) o[n][j] = 0.f;
+}
+
 // Online softmax over one row of a lane's scores s[NT][4] (n8 tiles of an m16n8 accumulator: row g in
 // entries 0-1, row g + 8 in 2-3, tokens tok0 + 8 n + 2 tq + {0, 1}); a row lives in one quad of lanes.
 // First: scale into the log2 domain, mask tokens >= end, and return the row's maximum over the quad.
@@ -173,17 +195,9 @@ struct WarpAttention {
   float scale_log2;  // softmax scale in the log2 domain
 
   __device__ WarpAttention(const DecodeParams& p, const WorkItem& w, int lane)
-      : g(lane / 4), tq(lane % 4), scale_log2(p.scale * 1.4426950408889634f) {
+      : g(lane / 4), tq(lane % 4), scale_log2(log2_scale(p)) {
     load_q_fragments<T, D, M>(qa, p, w, lane);
-#pragma unroll
-    for (int r = 0; r < R; ++r) {
-      m_run[r] = -INFINITY;
-      l_run[r] = 0.f;
-    }
-#pragma unroll
-    for (int n = 0; n < NTILES; ++n)
-#pragma unroll
-      for (int j = 0; j < 2 * R; ++j) o[n][j] = 0.f;
+    reset_softmax_state(m_run, l_run, o);
   }
 
   // A tile's K and V as MMA B-fragments: once they are in registers the tile's shared memory can be reused.
@@ -358,8 +372,7 @@ __device__ void write_merged(const DecodeParams& p, const WorkItem& w, MergeBuff
       const long long bh = static_cast<long long>(w.b) * p.heads + h;
       p.o_partial[(bh * p.num_splits + w.split) * D + d] = val;
       if (d == 0) {
-        // log2-domain max and sum back to the natural-log LSE of the scaled scores.
-        p.lse[bh * p.num_splits + w.split] = l_sum > 0.f ? (m_max + log2f(l_sum)) * 0.6931471805599453f : -INFINITY;
+        p.lse[bh * p.num_splits + w.split] = natural_lse(m_max, l_sum);
       }
     }
   }
