@@ -15,12 +15,12 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(scope="session")
 def ceilings() -> dict:
     from mpskern.device_info import torch_device_properties
-    from mpskern.timing import copy_bandwidth_gbs
+    from mpskern.timing import copy_bandwidth_gbs, read_bandwidth_gbs
 
-    return {"copy_gbs": copy_bandwidth_gbs(), "device": torch_device_properties()}
+    return {"copy_gbs": copy_bandwidth_gbs(), "read_gbs": read_bandwidth_gbs(), "device": torch_device_properties()}
 
 
 @pytest.fixture(scope="session")
 def baseline_cache() -> dict:
-    """Vendor-baseline times keyed by shape, so each is measured once per session."""
+    """SDPA flash / cuDNN times keyed by shape, so each is measured once per session."""
     return {}

@@ -3,9 +3,10 @@ fixed µs + bytes / streaming rate, for our kernels (auto split, and unsplit for
 contiguous KV, with KV-head interleaving (KVH 2 vs 1 at equal bytes) and page size (16 vs 128) as the
 variables. `waves`: CUDA (unsplit) and SDPA time against batch at ctx 2048 on the 3B shape, where CTA waves
 step. `triton-configs`: the D = 128 Triton kernel unsplit under every (BLOCK_N, warps, stages), against CUDA
-and SDPA on three 2-wave benchmark shapes. The benchmark shapes themselves are timed by `pytest benchmarks`
+and SDPA on three 2-wave benchmark shapes. `pages`: the CUDA kernel over shuffled vs sequential pages, each
+against SDPA round by round. The benchmark shapes themselves are timed by `pytest benchmarks`
 (scripts/gpu_check.sh bench).
-usage: python scripts/decode_probe.py [waves | triton-configs]"""
+usage: python scripts/decode_probe.py [waves | triton-configs | pages]"""
 from __future__ import annotations
 
 import itertools
@@ -16,9 +17,9 @@ import torch
 
 from mpskern import ops
 from mpskern.models import get_model
-from mpskern.paged_kv import contiguous_decode_inputs, decode_inputs
+from mpskern.paged_kv import contiguous_decode_inputs, decode_inputs, make_paged_kv
 from mpskern.reference import sdpa_decode_contiguous
-from mpskern.timing import rotating, time_per_call_ms
+from mpskern.timing import graphed, interleaved_ms, rotating, time_per_call_ms
 from mpskern.triton import decode_attention as td
 
 CTX = 2048
@@ -117,9 +118,44 @@ def triton_configs() -> None:
         td.CONFIGS[128] = shipped
 
 
+def pages() -> None:
+    """The price of paging: the CUDA kernel over pages in shuffled order (the benchmark's) and in sequential
+    order, each timed round by round against SDPA over contiguous KV (median ratio, p10-p90)."""
+    shapes = [("Qwen2.5-3B", 1024, 512), ("Qwen2.5-3B", 256, 2048), ("Qwen2.5-3B", 64, 8192),
+              ("Qwen2.5-7B", 1024, 512), ("Qwen2.5-7B", 256, 2048), ("Qwen2.5-7B", 64, 8192)]
+    print(torch.cuda.get_device_name(), "CUDA µs (x SDPA, p10-p90) with shuffled / sequential pages; SDPA µs")
+    for name, b, c in shapes:
+        m = get_model(name)
+        dense = [contiguous_decode_inputs(b, c, m.heads, m.kv_heads, m.head_dim, seed=100 + i) for i in range(SETS)]
+        sdpa = graphed(rotating([lambda s=s: sdpa_decode_contiguous(*s) for s in dense]))
+        cells = []
+        for shuffle in (True, False):
+            sets = []
+            for i in range(SETS):
+                torch.manual_seed(i)
+                kv = make_paged_kv([c] * b, m.kv_heads, m.head_dim, shuffle=shuffle)
+                q = torch.randn(b, m.heads, m.head_dim, device="cuda", dtype=torch.bfloat16)
+                sets.append((q, kv, torch.empty_like(q)))
+            ours = graphed(rotating([lambda s=s: ops.decode_attention(s[0], s[1].k_cache, s[1].v_cache,
+                                                                      s[1].block_table, s[1].seq_lens, out=s[2],
+                                                                      backend="cuda")
+                                     for s in sets]))
+            t_ours, t_sdpa = interleaved_ms([ours, sdpa], calls=20, rounds=20)
+            ratios = [y / x for x, y in zip(t_ours, t_sdpa)]
+            dec = statistics.quantiles(ratios, n=10)
+            cells.append(f"{statistics.median(t_ours) * 1e3:.1f} (x{statistics.median(ratios):.3f}, "
+                         f"{dec[0]:.3f}-{dec[-1]:.3f})")
+            del sets, ours
+            torch.cuda.empty_cache()
+        print(f"  {name[6:]} {b} x {c}: " + " / ".join(cells) + f"; SDPA {statistics.median(t_sdpa) * 1e3:.1f}",
+              flush=True)
+        del dense, sdpa
+        torch.cuda.empty_cache()
+
+
 if __name__ == "__main__":
-    modes = {"": main, "waves": waves, "triton-configs": triton_configs}
+    modes = {"": main, "waves": waves, "triton-configs": triton_configs, "pages": pages}
     mode = " ".join(sys.argv[1:])
     if mode not in modes:
-        sys.exit(f"unknown mode {mode!r}; usage: python scripts/decode_probe.py [waves | triton-configs]")
+        sys.exit(f"unknown mode {mode!r}; usage: python scripts/decode_probe.py [waves | triton-configs | pages]")
     modes[mode]()

@@ -1,0 +1,57 @@
+"""The measurement helpers: the streaming-read kernel of the read ceiling (interpreter on CPU, compiled on the
+GPU) and the interleaved timing the benchmarks take their ratios from."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mpskern import timing
+from mpskern.triton.stream_read import BLOCK, ITERS, stream_read
+
+SLAB = BLOCK * ITERS
+
+
+def check_stream_read(device: str, dtype: torch.dtype) -> None:
+    x = torch.randn(3 * SLAB, device=device, dtype=dtype)
+    out = torch.full((3,), float("nan"), device=device)  # poisoned: every program must write its sum
+    stream_read(x, out)
+    want = x.double().view(3, SLAB).sum(dim=1)
+    torch.testing.assert_close(out.double(), want, rtol=1e-4, atol=1e-2)
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_stream_read_sums_each_slab(dtype):
+    check_stream_read("cpu", dtype)
+
+
+def test_stream_read_rejects_partial_slabs():
+    with pytest.raises(ValueError, match="multiple of"):
+        stream_read(torch.zeros(SLAB + 1), torch.zeros(2))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_stream_read_on_gpu(dtype):
+    check_stream_read("cuda", dtype)
+
+
+@pytest.mark.gpu
+def test_read_ceiling_is_a_bandwidth_near_the_copy_ceiling():
+    read, copy = timing.read_bandwidth_gbs(256 << 20), timing.copy_bandwidth_gbs(256 << 20)
+    # a streaming read moves at least most of a copy's bytes per second, and no more than twice (a copy
+    # counts its writes too)
+    assert 0.8 * copy < read < 2 * copy
+
+
+@pytest.mark.gpu
+def test_interleaved_timing_rotates_and_separates_runs():
+    x = torch.randn(1 << 24, device="cuda")
+    y = torch.empty_like(x)
+    small = timing.graphed(lambda: y[: 1 << 16].copy_(x[: 1 << 16]), calls=10)
+    big = timing.graphed(lambda: y.copy_(x), calls=10)
+    t_small, t_big = timing.interleaved_ms([small, big], calls=10, rounds=6)
+    assert len(t_small) == len(t_big) == 6
+    assert all(a > 0 for a in t_small + t_big)
+    # 256x the bytes: the big copy must time clearly slower in every round
+    assert min(t_big) > 4 * max(t_small)
