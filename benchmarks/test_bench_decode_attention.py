@@ -6,7 +6,7 @@ Each side is 20 back-to-back calls captured in one CUDA graph (as an engine repl
 launch cost is counted for neither. The kernel's graph and SDPA's are replayed alternately, round by round, and
 the ratio to torch is the median of the per-round ratios (p10 / p90 kept too): drift of the card during a run
 then reaches both sides alike. Two full sets of buffers alternate on each side; each set's KV is >= 128 MB,
-several times the 50 MB L2, so no call runs from cache.
+several times the 50-60 MB L2, so no call runs from cache.
 """
 from __future__ import annotations
 
