@@ -11,6 +11,10 @@ import sys
 from mpskern.models import get_model
 
 
+def us(ms: float | None) -> str:
+    return "—" if ms is None else f"{ms * 1e3:.1f}"
+
+
 def main(path: str) -> None:
     data = json.load(open(path))
     info = data.get("commit_info", {})
@@ -40,7 +44,6 @@ def main(path: str) -> None:
             cells += [f"{r['time_ms'] * 1e3:.1f}", f"{r['kv_gbs']:.0f}", f"{r['pct_of_copy_bw']:.1f}", pct_read,
                       f"{r['speedup_vs_torch']:.3f}{spread}"]
         ref = by.get("cuda", any_r)  # torch µs as timed beside the CUDA kernel
-        us = lambda ms: "—" if ms is None else f"{ms * 1e3:.1f}"  # noqa: E731
         print(f"| {model} ({m.heads}/{m.kv_heads}, {m.head_dim}) | {batch} × {ctx} | {any_r['kv_bytes'] / 1e6:.0f} | "
               + " | ".join(cells) + f" | {us(ref['torch_ms'])} | {us(ref['sdpa_cudnn_ms'])} | "
               f"{us(ref['sdpa_flash_ms'])} |")

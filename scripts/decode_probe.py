@@ -17,7 +17,7 @@ import torch
 
 from mpskern import ops
 from mpskern.models import get_model
-from mpskern.paged_kv import contiguous_decode_inputs, decode_inputs, make_paged_kv
+from mpskern.paged_kv import contiguous_decode_inputs, decode_inputs
 from mpskern.reference import sdpa_decode_contiguous
 from mpskern.timing import graphed, interleaved_ms, rotating, time_per_call_ms
 from mpskern.triton import decode_attention as td
@@ -38,11 +38,15 @@ def median_us(fns) -> float:
     return statistics.median(time_per_call_ms(rotating(fns), calls=20, rounds=10)) * 1e3
 
 
+def paged_calls(sets, backend: str = "cuda", num_splits: int | None = None) -> list:
+    """One paged decode call per set of decode_inputs."""
+    return [lambda s=s: ops.decode_attention(s[0], s[1].k_cache, s[1].v_cache, s[1].block_table, s[1].seq_lens,
+                                             out=s[2], backend=backend, num_splits=num_splits) for s in sets]
+
+
 def paged_us(sets, backend: str = "cuda", num_splits: int | None = None) -> float:
     """Median µs of one paged decode call, alternating over `sets` of decode_inputs."""
-    return median_us([lambda s=s: ops.decode_attention(s[0], s[1].k_cache, s[1].v_cache, s[1].block_table,
-                                                       s[1].seq_lens, out=s[2], backend=backend,
-                                                       num_splits=num_splits) for s in sets])
+    return median_us(paged_calls(sets, backend, num_splits))
 
 
 def sdpa_us(dense_sets) -> float:
@@ -130,16 +134,8 @@ def pages() -> None:
         sdpa = graphed(rotating([lambda s=s: sdpa_decode_contiguous(*s) for s in dense]))
         cells = []
         for shuffle in (True, False):
-            sets = []
-            for i in range(SETS):
-                torch.manual_seed(i)
-                kv = make_paged_kv([c] * b, m.kv_heads, m.head_dim, shuffle=shuffle)
-                q = torch.randn(b, m.heads, m.head_dim, device="cuda", dtype=torch.bfloat16)
-                sets.append((q, kv, torch.empty_like(q)))
-            ours = graphed(rotating([lambda s=s: ops.decode_attention(s[0], s[1].k_cache, s[1].v_cache,
-                                                                      s[1].block_table, s[1].seq_lens, out=s[2],
-                                                                      backend="cuda")
-                                     for s in sets]))
+            sets = [decode_inputs(b, c, m.heads, m.kv_heads, m.head_dim, seed=i, shuffle=shuffle) for i in range(SETS)]
+            ours = graphed(rotating(paged_calls(sets)))
             t_ours, t_sdpa = interleaved_ms([ours, sdpa], calls=20, rounds=20)
             ratios = [y / x for x, y in zip(t_ours, t_sdpa)]
             dec = statistics.quantiles(ratios, n=10)

@@ -7,7 +7,7 @@ import torch
 from conftest import rel_err
 from mpskern import ops
 from mpskern.decode_plan import CUDA_ROUND_SPLITS, CUDA_SPLITS, MAX_HEADS_PER_CTA, TRITON_SPLITS, plan_decode
-from mpskern.paged_kv import make_paged_kv
+from mpskern.paged_kv import decode_inputs, make_paged_kv
 from mpskern.reference import decode_attention_dense, decode_attention_naive
 
 
@@ -112,3 +112,12 @@ def test_cuda_backend_plans_from_the_kernels_occupancy_once_per_shape(monkeypatc
     assert plan == plan_decode(batch=8, kv_heads=2, group=17, max_context=32768, num_sms=132, ctas_per_sm=2,
                                tile_tokens=64, policy=CUDA_SPLITS)
     cuda_backend._cached_plan.cache_clear()
+
+
+@pytest.mark.parametrize("shuffle", [True, False])
+def test_decode_inputs_page_order(shuffle):
+    """The benchmark's inputs hand pages out shuffled; the paging-cost probe's in order, each sequence contiguous."""
+    _, kv, _ = decode_inputs(4, 40, 4, 2, 64, device="cpu", shuffle=shuffle)
+    ids = kv.block_table.flatten()
+    assert sorted(ids.tolist()) == list(range(12))  # every page handed out once
+    assert (ids.tolist() == list(range(12))) == (not shuffle)

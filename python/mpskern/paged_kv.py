@@ -51,11 +51,13 @@ def make_paged_kv(
 
 
 def decode_inputs(batch: int, ctx: int, heads: int, kv_heads: int, head_dim: int, *, page_size: int = 16,
-                  seed: int = 0, dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cuda"
-                  ) -> tuple[torch.Tensor, PagedKV, torch.Tensor]:
-    """A decode step's (q, paged KV, out) with every sequence at ``ctx`` tokens: benchmark and probe inputs."""
+                  seed: int = 0, dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cuda",
+                  shuffle: bool = True) -> tuple[torch.Tensor, PagedKV, torch.Tensor]:
+    """A decode step's (q, paged KV, out) with every sequence at ``ctx`` tokens: benchmark and probe inputs.
+    ``shuffle=False`` hands the pages out in order (each sequence's KV contiguous), as a probe of paging's cost."""
     torch.manual_seed(seed)
-    kv = make_paged_kv([ctx] * batch, kv_heads, head_dim, page_size=page_size, dtype=dtype, device=device)
+    kv = make_paged_kv([ctx] * batch, kv_heads, head_dim, page_size=page_size, dtype=dtype, device=device,
+                       shuffle=shuffle)
     q = torch.randn(batch, heads, head_dim, device=device, dtype=dtype)
     return q, kv, torch.empty_like(q)
 
