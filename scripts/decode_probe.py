@@ -3,9 +3,9 @@ fixed µs + bytes / streaming rate, for our kernels (auto split, and unsplit for
 contiguous KV, with KV-head interleaving (KVH 2 vs 1 at equal bytes) and page size (16 vs 128) as the
 variables. `waves`: CUDA (unsplit) and SDPA time against batch at ctx 2048 on the 3B shape, where CTA waves
 step. `triton-configs`: the D = 128 Triton kernel unsplit under every (BLOCK_N, warps, stages), against CUDA
-and SDPA on three 2-wave benchmark shapes. `pages`: the CUDA kernel over shuffled vs sequential pages, each
-against SDPA round by round. The benchmark shapes themselves are timed by `pytest benchmarks`
-(scripts/gpu_check.sh bench).
+and SDPA on three 2-wave benchmark shapes. `pages`: the CUDA kernel and a paged-read roofline over shuffled,
+per-sequence sorted and sequential pages, each against SDPA round by round. The benchmark shapes themselves
+are timed by `pytest benchmarks` (scripts/gpu_check.sh bench).
 usage: python scripts/decode_probe.py [waves | triton-configs | pages]"""
 from __future__ import annotations
 
@@ -21,9 +21,11 @@ from mpskern.paged_kv import contiguous_decode_inputs, decode_inputs
 from mpskern.reference import sdpa_decode_contiguous
 from mpskern.timing import graphed, interleaved_ms, rotating, time_per_call_ms
 from mpskern.triton import decode_attention as td
+from mpskern.triton.paged_read import paged_read
 
 CTX = 2048
 SETS = 2  # buffer sets that alternate, so no call runs from L2
+READ_PAGES = 8  # pages per paged-read program: 8 and 32 read alike (BENCHMARKS.md)
 FAMILIES = [  # name, heads, kv_heads, head_dim, page, batches
     ("3B-like H16/2 D128 p16", 16, 2, 128, 16, [64, 128, 256, 512]),
     ("H8/1 D128 p16 (no KV-head interleave)", 8, 1, 128, 16, [128, 256, 512, 1024]),
@@ -122,26 +124,45 @@ def triton_configs() -> None:
         td.CONFIGS[128] = shipped
 
 
+ORDERS = ("shuffled", "sorted", "sequential")  # page order: the benchmark's, per sequence by page id, contiguous
+
+
+def page_sets(b: int, c: int, m, order: str) -> list:
+    """SETS decode_inputs of one shape with pages in ``order``."""
+    sets = [decode_inputs(b, c, m.heads, m.kv_heads, m.head_dim, seed=i, shuffle=order != "sequential")
+            for i in range(SETS)]
+    for _, kv, _ in sets:
+        if order == "sorted":
+            kv.block_table = kv.block_table.sort(dim=1).values.contiguous()
+    return sets
+
+
+def median_ratio(num: list[float], den: list[float]) -> float:
+    return statistics.median(y / x for x, y in zip(den, num))
+
+
 def pages() -> None:
-    """The price of paging: the CUDA kernel over pages in shuffled order (the benchmark's) and in sequential
-    order, each timed round by round against SDPA over contiguous KV (median ratio, p10-p90)."""
+    """The price of paging: the CUDA kernel and a paged-read roofline (mpskern.triton.paged_read: the kernel's
+    bytes in its access pattern, no math) over the same pages in three orders, each timed round by round
+    against SDPA over contiguous KV (µs, median ratio SDPA / it)."""
     shapes = [("Qwen2.5-3B", 1024, 512), ("Qwen2.5-3B", 256, 2048), ("Qwen2.5-3B", 64, 8192),
               ("Qwen2.5-7B", 1024, 512), ("Qwen2.5-7B", 256, 2048), ("Qwen2.5-7B", 64, 8192)]
-    print(torch.cuda.get_device_name(), "CUDA µs (x SDPA, p10-p90) with shuffled / sequential pages; SDPA µs")
+    print(torch.cuda.get_device_name(), "µs (x SDPA) of the CUDA kernel | paged read, pages", " / ".join(ORDERS))
     for name, b, c in shapes:
         m = get_model(name)
         dense = [contiguous_decode_inputs(b, c, m.heads, m.kv_heads, m.head_dim, seed=100 + i) for i in range(SETS)]
         sdpa = graphed(rotating([lambda s=s: sdpa_decode_contiguous(*s) for s in dense]))
         cells = []
-        for shuffle in (True, False):
-            sets = [decode_inputs(b, c, m.heads, m.kv_heads, m.head_dim, seed=i, shuffle=shuffle) for i in range(SETS)]
-            ours = graphed(rotating(paged_calls(sets)))
-            t_ours, t_sdpa = interleaved_ms([ours, sdpa], calls=20, rounds=20)
-            ratios = [y / x for x, y in zip(t_ours, t_sdpa)]
-            dec = statistics.quantiles(ratios, n=10)
-            cells.append(f"{statistics.median(t_ours) * 1e3:.1f} (x{statistics.median(ratios):.3f}, "
-                         f"{dec[0]:.3f}-{dec[-1]:.3f})")
-            del sets, ours
+        for order in ORDERS:
+            sets = page_sets(b, c, m, order)
+            sums = torch.empty(b, m.kv_heads, c // 16 // READ_PAGES, device="cuda")
+            read = graphed(rotating([lambda s=s: paged_read(s[1].k_cache, s[1].v_cache, s[1].block_table, sums,
+                                                            READ_PAGES) for s in sets]))
+            times = interleaved_ms([graphed(rotating(paged_calls(sets))), read, sdpa], calls=20, rounds=16)
+            t_sdpa = times[-1]
+            cells.append(" | ".join(f"{statistics.median(t) * 1e3:.1f} (x{median_ratio(t_sdpa, t):.3f})"
+                                    for t in times[:2]))
+            del sets, read
             torch.cuda.empty_cache()
         print(f"  {name[6:]} {b} x {c}: " + " / ".join(cells) + f"; SDPA {statistics.median(t_sdpa) * 1e3:.1f}",
               flush=True)

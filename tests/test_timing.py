@@ -1,11 +1,13 @@
-"""The measurement helpers: the streaming-read kernel of the read ceiling (interpreter on CPU, compiled on the
-GPU) and the interleaved timing the benchmarks take their ratios from."""
+"""The measurement helpers: the streaming-read kernel of the read ceiling and the paged-read roofline
+(interpreter on CPU, compiled on the GPU), and the interleaved timing the benchmarks take their ratios from."""
 from __future__ import annotations
 
 import pytest
 import torch
 
 from mpskern import timing
+from mpskern.paged_kv import make_paged_kv
+from mpskern.triton.paged_read import paged_read
 from mpskern.triton.stream_read import BLOCK, ITERS, stream_read
 
 SLAB = BLOCK * ITERS
@@ -34,6 +36,37 @@ def test_stream_read_rejects_partial_slabs():
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_stream_read_on_gpu(dtype):
     check_stream_read("cuda", dtype)
+
+
+def check_paged_read(device: str, dtype: torch.dtype) -> None:
+    # odd batch, 3 KV heads, 4 pages per program over 8-page rows, pages shuffled: every slice of every page
+    kv = make_paged_kv([8 * 16] * 3, 3, 32, page_size=16, dtype=dtype, device=device)
+    out = torch.full((3, 3, 2), float("nan"), device=device)
+    paged_read(kv.k_cache, kv.v_cache, kv.block_table, out, pages_per_program=4)
+    pages = kv.block_table.long().view(3, 2, 4)  # [B, chunk, page]
+    per_page = (kv.k_cache.double() + kv.v_cache.double()).sum(dim=(1, 3))  # [num_pages, KVH]
+    want = per_page[pages].sum(dim=2).permute(0, 2, 1)  # [B, KVH, chunk]
+    torch.testing.assert_close(out.double(), want, rtol=1e-4, atol=1e-2)
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_paged_read_sums_each_head_slice(dtype):
+    check_paged_read("cpu", dtype)
+
+
+def test_paged_read_rejects_bad_shapes():
+    kv = make_paged_kv([48, 48], 2, 32, device="cpu", dtype=torch.float16)
+    with pytest.raises(ValueError, match="multiple of 2 pages"):
+        paged_read(kv.k_cache, kv.v_cache, kv.block_table, torch.zeros(2, 2, 1), pages_per_program=2)
+    with pytest.raises(ValueError, match="out must be float32"):
+        paged_read(kv.k_cache, kv.v_cache, kv.block_table, torch.zeros(2, 2, 2), pages_per_program=1)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_paged_read_on_gpu(dtype):
+    check_paged_read("cuda", dtype)
 
 
 @pytest.mark.gpu
