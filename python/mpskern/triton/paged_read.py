@@ -1,4 +1,4 @@
-"""A paged-read roofline (scripts/decode_probe.py roofline): the bytes a decode step reads, in its access
+"""A paged-read roofline (`python scripts/decode_probe.py pages`): the bytes a decode step reads, in its access
 pattern, and nothing else. Program (sequence, KV head, chunk) reads its KV head's slice of ``PAGES`` pages of
 K and V through the block table, in table order, as a decode CTA does, and writes one fp32 sum so the loads
 cannot be dropped. Its time is how fast this card streams a paged cache with this page order; the decode
