@@ -131,8 +131,8 @@ def page_sets(b: int, c: int, m, order: str) -> list:
     """SETS decode_inputs of one shape with pages in ``order``."""
     sets = [decode_inputs(b, c, m.heads, m.kv_heads, m.head_dim, seed=i, shuffle=order != "sequential")
             for i in range(SETS)]
-    for _, kv, _ in sets:
-        if order == "sorted":
+    if order == "sorted":
+        for _, kv, _ in sets:
             kv.block_table = kv.block_table.sort(dim=1).values.contiguous()
     return sets
 
@@ -155,7 +155,7 @@ def pages() -> None:
         cells = []
         for order in ORDERS:
             sets = page_sets(b, c, m, order)
-            sums = torch.empty(b, m.kv_heads, c // 16 // READ_PAGES, device="cuda")
+            sums = torch.empty(b, m.kv_heads, sets[0][1].block_table.shape[1] // READ_PAGES, device="cuda")
             read = graphed(rotating([lambda s=s: paged_read(s[1].k_cache, s[1].v_cache, s[1].block_table, sums,
                                                             READ_PAGES) for s in sets]))
             times = interleaved_ms([graphed(rotating(paged_calls(sets))), read, sdpa], calls=20, rounds=16)

@@ -21,21 +21,9 @@ def check_stream_read(device: str, dtype: torch.dtype) -> None:
     torch.testing.assert_close(out.double(), want, rtol=1e-4, atol=1e-2)
 
 
-@pytest.mark.interpreter
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_stream_read_sums_each_slab(dtype):
-    check_stream_read("cpu", dtype)
-
-
 def test_stream_read_rejects_partial_slabs():
     with pytest.raises(ValueError, match="multiple of"):
         stream_read(torch.zeros(SLAB + 1), torch.zeros(2))
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_stream_read_on_gpu(dtype):
-    check_stream_read("cuda", dtype)
 
 
 def check_paged_read(device: str, dtype: torch.dtype) -> None:
@@ -49,12 +37,6 @@ def check_paged_read(device: str, dtype: torch.dtype) -> None:
     torch.testing.assert_close(out.double(), want, rtol=1e-4, atol=1e-2)
 
 
-@pytest.mark.interpreter
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_paged_read_sums_each_head_slice(dtype):
-    check_paged_read("cpu", dtype)
-
-
 def test_paged_read_rejects_bad_shapes():
     kv = make_paged_kv([48, 48], 2, 32, device="cpu", dtype=torch.float16)
     with pytest.raises(ValueError, match="multiple of 2 pages"):
@@ -63,10 +45,21 @@ def test_paged_read_rejects_bad_shapes():
         paged_read(kv.k_cache, kv.v_cache, kv.block_table, torch.zeros(2, 2, 2), pages_per_program=1)
 
 
+READ_KERNEL_CHECKS = [check_stream_read, check_paged_read]
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("check", READ_KERNEL_CHECKS)
+def test_read_kernels_on_interpreter(check, dtype):
+    check("cpu", dtype)
+
+
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_paged_read_on_gpu(dtype):
-    check_paged_read("cuda", dtype)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("check", READ_KERNEL_CHECKS)
+def test_read_kernels_on_gpu(check, dtype):
+    check("cuda", dtype)
 
 
 @pytest.mark.gpu

@@ -42,10 +42,11 @@ __device__ __forceinline__ void mbar_wait(uint64_t* bar, uint32_t parity) {
 // Orders this thread's earlier generic-proxy shared-memory accesses before its later async-proxy (TMA) ones.
 __device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
 
-// An L2 cache policy for data read once: its lines are the first to be evicted.
+// An L2 cache policy for data read once: its lines are the first to be evicted. Not volatile: the value never
+// changes, so the compiler may share one createpolicy among a round's copies (one per round, not per tile).
 __device__ __forceinline__ uint64_t evict_first_policy() {
   uint64_t policy;
-  asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;\n" : "=l"(policy));
+  asm("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;\n" : "=l"(policy));
   return policy;
 }
 
