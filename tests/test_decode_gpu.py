@@ -126,6 +126,37 @@ def test_rows_past_the_end_are_never_used(backend, page_size, head_dim):
     assert rel_err(out, ref) < TOL[torch.bfloat16]
 
 
+@pytest.mark.parametrize("page_size", [16, 128])
+@pytest.mark.parametrize("shape", ["deep", "wide", "narrow"])
+def test_cuda_round_shapes_on_long_ranges(shape, page_size):
+    """Each round shape (narrow, wide, deep) on whole sequences of up to 16383 tokens (1024 tiles in one CTA:
+    the page-id window and the stage ring wrap many times), ending on a tile edge or not, with nan and inf in
+    the rows past each end."""
+    from mpskern import cuda_backend
+
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    batch = {"deep": sms // 2 - 1, "wide": sms // 2 + 1, "narrow": sms + 1}[shape]
+    cycle = [8191, 8205, 16383, 8192, 5000, 700, 33, 197]
+    lens = [cycle[i % len(cycle)] for i in range(batch)]
+    torch.manual_seed(7)
+    kv = make_paged_kv(lens, 2, 128, page_size=page_size, dtype=torch.bfloat16)
+    q = torch.randn(batch, 16, 128, device="cuda", dtype=torch.bfloat16)
+    ref = decode_attention_dense(q, kv.k_cache, kv.v_cache, kv.block_table, kv.seq_lens)
+    for i, n in enumerate(lens):
+        if n % page_size:
+            page = int(kv.block_table[i, n // page_size])
+            kv.k_cache[page, n % page_size :] = float("nan")
+            kv.v_cache[page, n % page_size :] = float("inf")
+    out = torch.full_like(q, float("nan"))
+    ops.decode_attention(q, kv.k_cache, kv.v_cache, kv.block_table, kv.seq_lens, out=out, backend="cuda")
+    assert rel_err(out, ref) < TOL[torch.bfloat16]
+    if torch.cuda.get_device_capability() >= (9, 0):
+        info = cuda_backend.kernel_info(batch=batch, heads=16, kv_heads=2, head_dim=128, page_size=page_size,
+                                        max_context=kv.block_table.shape[1] * page_size)
+        assert info["decode_attention"]["name"] == f"decode_attention_round_{shape}"
+        assert info["plan"]["num_splits"] == 1  # whole sequences per CTA
+
+
 @pytest.mark.parametrize("backend", BACKENDS + ["torch"])
 def test_cuda_graph_capture_and_replay(backend):
     torch.manual_seed(4)
