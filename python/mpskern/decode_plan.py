@@ -9,7 +9,8 @@ Splitting costs: the partials' write, the combine kernel and its launch take 8 t
 How many CTAs a kernel needs to stream KV at its full rate is measured per kernel (BENCHMARKS.md) and kept
 in its SplitPolicy: the CUDA kernels keep their full rate with one CTA per SM (per-warp kernel on H100, 3B
 shapes, 128 unsplit CTAs: 53 us for 134 MB, on the same time-vs-bytes line as 1024 CTAs; the round kernel's
-deep shape on H200, 3B 64 x 8192: 125 us unsplit, as fast as SDPA); the Triton kernel needs about two.
+deep shape on H200, 3B 64 x 8192: 125 to 130 us unsplit, within 0.5 to 2.5% of SDPA); the Triton kernel needs
+about two.
 """
 from __future__ import annotations
 
