@@ -138,7 +138,8 @@ def page_sets(b: int, c: int, m, order: str) -> list:
 
 
 def median_ratio(num: list[float], den: list[float]) -> float:
-    return statistics.median(y / x for x, y in zip(den, num))
+    """Median over rounds of num[i] / den[i]."""
+    return statistics.median(n / d for n, d in zip(num, den))
 
 
 def pages() -> None:

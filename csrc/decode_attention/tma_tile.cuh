@@ -49,8 +49,8 @@ __device__ __forceinline__ void load_tile(unsigned char* dst, const CUtensorMap*
   constexpr int P = TmaTile<D>::kPanels;
   // A decode step reads each KV row once: evict-first keeps L2 for what is read again (the block table,
   // seq_lens and Q here; an engine's next kernels). Measured on H200 (BENCHMARKS.md): 0.5 to 2.7% faster on five
-  // of the seven 0.5B/3B/7B shapes with batch >= 64, 1.1% slower at 7B 1024 x 512 and 0.5% on the deep shape
-  // (not understood).
+  // of the seven 0.5B/3B/7B shapes with batch >= 64, 1.1% slower at 7B 1024 x 512. Taken off the deep and wide
+  // shapes alone (fifth session): 3B 64 x 8192 2.9% slower, 7B 64 x 8192 (wide) 15%.
   const uint64_t policy = tma::evict_first_policy();
   // All of K's panels, then V's: both 128-byte halves of a K row are requested back to back (0.8 to 1.2% faster
   // on the deep shape, 3B 64 x 8192; the same elsewhere).
