@@ -96,8 +96,8 @@ def copy_bandwidth_gbs(nbytes: int = 2 << 30) -> float:
 
 def read_bandwidth_gbs(nbytes: int = 1 << 30) -> float:
     """Streaming-read bandwidth: a Triton kernel that reads two alternating ``nbytes`` buffers once each and
-    writes one float per program, so nearly every byte moved is a read. On H200 it reads 6% above the copy
-    ceiling, and SDPA's decode kernel over contiguous KV reaches 96 to 99% of it."""
+    writes one float per program, so nearly every byte moved is a read. On H200 it reads 6 to 9% above the copy
+    ceiling, and SDPA's decode kernel over contiguous KV reaches 89 to 97% of it (BENCHMARKS.md)."""
     from .triton.stream_read import stream_read, stream_read_programs
 
     xs = [torch.randn(nbytes // 2, device="cuda", dtype=torch.bfloat16) for _ in range(2)]
