@@ -20,7 +20,7 @@ from mpskern import ops
 from mpskern.models import get_model
 from mpskern.paged_kv import contiguous_decode_inputs, decode_inputs
 from mpskern.reference import sdpa_decode_contiguous
-from mpskern.timing import graphed, interleaved_ms, rotating, time_per_call_ms
+from mpskern.timing import graphed, interleaved_ms, rotating, round_ratios, time_per_call_ms
 
 MODELS = ["Qwen2.5-0.5B", "Qwen2.5-3B", "Qwen2.5-7B"]
 POINTS = [(1024, 512), (256, 2048), (64, 8192), (8, 32768)]
@@ -83,7 +83,7 @@ def test_decode_attention(benchmark, ceilings, baseline_cache, model_name, batch
     benchmark.pedantic(timed_round, rounds=6, iterations=1, warmup_rounds=1)
 
     k, t = kernel_ms[ROUNDS_PER_CALL:], torch_ms[ROUNDS_PER_CALL:]  # drop the warm-up round
-    ratios = [b / a for a, b in zip(k, t)]
+    ratios = round_ratios(t, k)  # torch / kernel, round by round
     deciles = statistics.quantiles(ratios, n=10)
     ms = statistics.median(k)
     nbytes = kv_bytes(model, batch, ctx)

@@ -19,7 +19,7 @@ from mpskern import ops
 from mpskern.models import get_model
 from mpskern.paged_kv import contiguous_decode_inputs, decode_inputs
 from mpskern.reference import sdpa_decode_contiguous
-from mpskern.timing import graphed, interleaved_ms, rotating, time_per_call_ms
+from mpskern.timing import graphed, interleaved_ms, rotating, round_ratios, time_per_call_ms
 from mpskern.triton import decode_attention as td
 from mpskern.triton.paged_read import paged_read
 
@@ -137,11 +137,6 @@ def page_sets(b: int, c: int, m, order: str) -> list:
     return sets
 
 
-def median_ratio(num: list[float], den: list[float]) -> float:
-    """Median over rounds of num[i] / den[i]."""
-    return statistics.median(n / d for n, d in zip(num, den))
-
-
 def pages() -> None:
     """The price of paging: the CUDA kernel and a paged-read roofline (mpskern.triton.paged_read: the kernel's
     bytes in its access pattern, no math) over the same pages in three orders, each timed round by round
@@ -161,8 +156,8 @@ def pages() -> None:
                                                             READ_PAGES) for s in sets]))
             times = interleaved_ms([graphed(rotating(paged_calls(sets))), read, sdpa], calls=20, rounds=16)
             t_sdpa = times[-1]
-            cells.append(" | ".join(f"{statistics.median(t) * 1e3:.1f} (x{median_ratio(t_sdpa, t):.3f})"
-                                    for t in times[:2]))
+            speedups = [statistics.median(round_ratios(t_sdpa, t)) for t in times[:2]]
+            cells.append(" | ".join(f"{statistics.median(t) * 1e3:.1f} (x{x:.3f})" for t, x in zip(times, speedups)))
             del sets, read
             torch.cuda.empty_cache()
         print(f"  {name[6:]} {b} x {c}: " + " / ".join(cells) + f"; SDPA {statistics.median(t_sdpa) * 1e3:.1f}",

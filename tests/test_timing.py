@@ -81,3 +81,9 @@ def test_interleaved_timing_rotates_and_separates_runs():
     assert all(a > 0 for a in t_small + t_big)
     # 256x the bytes: the big copy must time clearly slower in every round
     assert min(t_big) > 4 * max(t_small)
+
+
+def test_round_ratios_pair_rounds_in_order():
+    assert timing.round_ratios([2.0, 3.0, 8.0], [1.0, 3.0, 2.0]) == [2.0, 1.0, 4.0]
+    with pytest.raises(ValueError, match="rounds"):
+        timing.round_ratios([1.0, 2.0], [1.0])

@@ -68,6 +68,14 @@ def interleaved_ms(runs: Sequence[Callable[[], object]], *, calls: int, rounds: 
     return times
 
 
+def round_ratios(num: Sequence[float], den: Sequence[float]) -> list[float]:
+    """num[i] / den[i] for each round of two :func:`interleaved_ms` series (e.g. SDPA's time over the kernel's:
+    its speed-up in each round); their median is the ratio the benchmarks report."""
+    if len(num) != len(den):
+        raise ValueError(f"series of {len(num)} and {len(den)} rounds")
+    return [n / d for n, d in zip(num, den)]
+
+
 def rotating(calls: list[Callable[[], object]]) -> Callable[[], object]:
     """One callable that runs ``calls`` in turn, so back-to-back timed calls walk through several buffer sets
     and none of them is served from L2."""
