@@ -79,11 +79,12 @@ PYBIND11_MODULE(_C, m) {
         py::arg("heads_per_chunk"), py::arg("scale"), py::arg("dtype"), py::arg("stream"));
   m.def(
       "decode_attention_info",
-      [](int dtype, int head_dim, int heads_per_chunk, int page_size, long long grid) {
-        return to_dict(decode_attention_info(static_cast<DType>(dtype), head_dim, heads_per_chunk, page_size, grid));
+      [](int dtype, int head_dim, int heads_per_chunk, int page_size, long long grid, int num_splits) {
+        return to_dict(
+            decode_attention_info(static_cast<DType>(dtype), head_dim, heads_per_chunk, page_size, grid, num_splits));
       },
       py::kw_only(), py::arg("dtype"), py::arg("head_dim"), py::arg("heads_per_chunk"), py::arg("page_size"),
-      py::arg("grid_size") = 0);
+      py::arg("grid_size") = 0, py::arg("num_splits") = 1);
   m.def(
       "decode_combine_info",
       [](int dtype, long long grid) { return to_dict(decode_combine_info(static_cast<DType>(dtype), grid)); },

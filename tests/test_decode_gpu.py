@@ -127,15 +127,15 @@ def test_rows_past_the_end_are_never_used(backend, page_size, head_dim):
 
 
 @pytest.mark.parametrize("page_size", [16, 128])
-@pytest.mark.parametrize("shape", ["deep", "wide", "narrow"])
+@pytest.mark.parametrize("shape", ["triple", "wide", "narrow"])
 def test_cuda_round_shapes_on_long_ranges(shape, page_size):
-    """Each round shape (narrow, wide, deep) on whole sequences of up to 16383 tokens (1024 tiles in one CTA:
-    the page-id window and the stage ring wrap many times), ending on a tile edge or not, with nan and inf in
-    the rows past each end."""
+    """Each round shape (narrow, wide, triple) on whole sequences of up to 16383 tokens (up to 1024 tiles in one
+    pipeline: the page-id window and the stage ring wrap many times), ending on a tile edge or not, with nan and
+    inf in the rows past each end; short sequences leave some of a triple CTA's pipelines without tokens."""
     from mpskern import cuda_backend
 
     sms = torch.cuda.get_device_properties(0).multi_processor_count
-    batch = {"deep": sms // 2 - 1, "wide": sms // 2 + 1, "narrow": sms + 1}[shape]
+    batch = {"triple": sms // 2 - 1, "wide": sms // 2 + 1, "narrow": sms + 1}[shape]
     cycle = [8191, 8205, 16383, 8192, 5000, 700, 33, 197]
     lens = [cycle[i % len(cycle)] for i in range(batch)]
     torch.manual_seed(7)
@@ -191,8 +191,9 @@ def test_cuda_kernel_info_reports_the_launch():
     attn = info["decode_attention"]
     hopper = torch.cuda.get_device_capability() >= (9, 0)
     # Pages of 16 tokens take a TMA kernel on sm_90, cp.async elsewhere. At D = 128 on sm_90 the 16 (seq, kv
-    # head) pairs split into one wave of deep round CTAs (4 math warps and a copy warp, 192 KB ring, 1 per SM).
-    assert attn["name"] == ("decode_attention_round_deep" if hopper else "decode_attention")
+    # head) pairs split into one wave of wide round CTAs (4 math warps and a copy warp, 96 KB ring, 2 per SM):
+    # split launches never take the one-per-SM triple shape.
+    assert attn["name"] == ("decode_attention_round_wide" if hopper else "decode_attention")
     assert attn["block_size"] == (160 if hopper else 128) and attn["registers"] > 0
     assert attn["dynamic_smem"] > 48 * 1024 and attn["blocks_per_sm"] >= 1 and 0 < attn["theoretical_occupancy"] <= 1
     assert info["plan"]["num_splits"] > 1 and "decode_combine" in info  # 16 (seq, kv head) pairs: must split
@@ -201,8 +202,8 @@ def test_cuda_kernel_info_reports_the_launch():
                                            page_size=8)["decode_attention"]
     assert small_pages["name"] == "decode_attention" and small_pages["block_size"] == 128
     if hopper:
-        assert attn["blocks_per_sm"] == 1 and attn["dynamic_smem"] >= 192 * 1024
-        assert attn["num_sms"] // 2 < attn["grid_size"] <= attn["num_sms"]
+        assert attn["blocks_per_sm"] == 2 and attn["dynamic_smem"] >= 96 * 1024
+        assert attn["num_sms"] < attn["grid_size"] <= 2 * attn["num_sms"]
 
         def launch(batch: int, kv_heads: int, head_dim: int = 128, max_context: int = 8192) -> dict:
             info = cuda_backend.kernel_info(batch=batch, heads=8 * kv_heads, kv_heads=kv_heads, head_dim=head_dim,
@@ -211,16 +212,17 @@ def test_cuda_kernel_info_reports_the_launch():
             return info["decode_attention"]
 
         sms = attn["num_sms"]
-        # One CTA per SM or fewer, unsplit: deep. Up to two: wide (96 KB ring). More: narrow (no copy warp).
-        deep = launch(sms // 2 - 1, 2)
-        assert deep["name"] == "decode_attention_round_deep" and deep["grid_size"] == 2 * (sms // 2 - 1)
+        # One CTA per SM or fewer, unsplit: triple. Up to two: wide (96 KB ring). More: narrow (no copy warp).
+        triple = launch(sms // 2 - 1, 2)
+        assert triple["name"] == "decode_attention_round_triple" and triple["grid_size"] == 2 * (sms // 2 - 1)
+        assert triple["block_size"] == 480 and triple["blocks_per_sm"] == 1 and triple["dynamic_smem"] >= 192 * 1024
         wide = launch(sms // 2 + 1, 2)
         assert wide["name"] == "decode_attention_round_wide" and wide["block_size"] == 160
         assert wide["blocks_per_sm"] == 2
         narrow = launch(sms + 1, 2)
         assert narrow["name"] == "decode_attention_round_narrow" and narrow["block_size"] == 128
         assert narrow["blocks_per_sm"] == 4 and narrow["grid_size"] == 2 * sms + 2
-        # D = 256: the wide ring is already 192 KB (one CTA per SM), so there is no deep shape.
+        # D = 256: the wide ring is already 192 KB (one CTA per SM), so there is no triple shape.
         d256 = launch(sms // 4, 4, head_dim=256)
         assert d256["name"] == "decode_attention_round_wide" and d256["blocks_per_sm"] == 1
         d64 = cuda_backend.kernel_info(batch=8, heads=16, kv_heads=2, head_dim=64, max_context=32768)

@@ -75,7 +75,7 @@ def test_triton_needs_more_ctas_before_it_stays_unsplit():
 def test_round_kernel_splits_never_start_an_extra_wave(batch, kvh, ctas_per_sm, splits):
     """One wave of the round kernel's slots at most: with 2 wide slots per SM, 8 x 32768 with 4 KV heads takes
     8 splits (256 CTAs), where rounding up would give 17 (544 CTAs, a thin second wave even for the narrow
-    kernel's 528 slots); with 1 deep slot per SM, 4 (128 CTAs). With 3 sequences, 44 splits of 745 tokens
+    kernel's 528 slots); with 1 slot per SM, 4 (128 CTAs). With 3 sequences, 44 splits of 745 tokens
     round to 43 of 768."""
     plan = plan_decode(batch=batch, kv_heads=kvh, group=7, max_context=32768, num_sms=132, ctas_per_sm=ctas_per_sm,
                        tile_tokens=64, policy=CUDA_ROUND_SPLITS)
@@ -96,8 +96,8 @@ def test_cuda_backend_plans_from_the_kernels_occupancy_once_per_shape(monkeypatc
     calls = []
 
     class StubExtension:
-        def decode_attention_info(self, *, dtype, head_dim, heads_per_chunk, page_size, grid_size):
-            calls.append((dtype, head_dim, heads_per_chunk, page_size, grid_size))
+        def decode_attention_info(self, *, dtype, head_dim, heads_per_chunk, page_size, grid_size, num_splits):
+            calls.append((dtype, head_dim, heads_per_chunk, page_size, grid_size, num_splits))
             return {"name": "decode_attention_tma", "num_sms": 132, "blocks_per_sm": 2}
 
         def decode_attention_tile_tokens(self):
@@ -108,7 +108,8 @@ def test_cuda_backend_plans_from_the_kernels_occupancy_once_per_shape(monkeypatc
     cuda_backend._cached_plan.cache_clear()
     for _ in range(3):
         plan = cuda_backend.decode_plan(8, 34, 2, 128, 32768, torch.bfloat16, 16)
-    assert calls == [(1, 128, 9, 16, 8 * 2 * 2)]  # group 17 -> two chunks of <= 9 heads; queried once, unsplit grid
+    # group 17 -> two chunks of <= 9 heads; queried once, for the kernel a split launch of those CTAs takes
+    assert calls == [(1, 128, 9, 16, 8 * 2 * 2, 2)]
     assert plan == plan_decode(batch=8, kv_heads=2, group=17, max_context=32768, num_sms=132, ctas_per_sm=2,
                                tile_tokens=64, policy=CUDA_SPLITS)
     cuda_backend._cached_plan.cache_clear()

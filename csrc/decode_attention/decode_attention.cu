@@ -50,7 +50,7 @@ constexpr const char* round_kernel_name(RoundShape shape) {
   switch (shape) {
     case RoundShape::kNarrow: return "decode_attention_round_narrow";
     case RoundShape::kWide: return "decode_attention_round_wide";
-    case RoundShape::kDeep: return "decode_attention_round_deep";
+    case RoundShape::kTriple: return "decode_attention_round_triple";
   }
   return "";
 }
@@ -64,22 +64,24 @@ const KernelInfo& round_info() {
 // Which attention kernel a launch takes. The TMA kernels need sm_90 code loaded for this device (a build for
 // 80 only runs sm_80 code on Hopper, where their bodies are empty) and whole 16-token tiles inside one page;
 // anything else takes cp.async. With TMA, D = 64 takes the per-warp kernel and D >= 128 the round kernel in
-// the shape with the fewest CTAs per SM whose one wave holds the whole grid: deep (1 per SM), wide (2), else
-// narrow (decode_attention_round_kernel.cuh).
-enum class Kernel { kCpAsync, kTma, kRoundNarrow, kRoundWide, kRoundDeep };
+// the shape with the fewest CTAs per SM whose one wave holds the whole grid: triple (1 per SM, unsplit grids
+// only), wide (2), else narrow (decode_attention_round_kernel.cuh). Split launches fill one wave of the kernel
+// they take, and wide with twice the splits beat triple there (H200, 8 x 32768: 3B 68.8 against 70.2 us, 7B
+// 128.8 against 129.3; BENCHMARKS.md).
+enum class Kernel { kCpAsync, kTma, kRoundNarrow, kRoundWide, kRoundTriple };
 
 // Calls f.template operator()<shape>() for a round kernel.
 template <int D, typename F>
 decltype(auto) with_round_shape(Kernel kernel, F&& f) {
-  if constexpr (decode::kHasDeepShape<D>) {
-    if (kernel == Kernel::kRoundDeep) return f.template operator()<RoundShape::kDeep>();
+  if constexpr (decode::kHasTripleShape<D>) {
+    if (kernel == Kernel::kRoundTriple) return f.template operator()<RoundShape::kTriple>();
   }
   return kernel == Kernel::kRoundWide ? f.template operator()<RoundShape::kWide>()
                                       : f.template operator()<RoundShape::kNarrow>();
 }
 
 template <typename T, int D, int M>
-Kernel choose_kernel(int page_size, long long grid) {
+Kernel choose_kernel(int page_size, long long grid, int num_splits) {
   if (page_size < decode::kTileTokens) return Kernel::kCpAsync;
   if constexpr (D == 64) {
     return tma_info<T, D, M>().binary_version >= 90 ? Kernel::kTma : Kernel::kCpAsync;
@@ -87,8 +89,8 @@ Kernel choose_kernel(int page_size, long long grid) {
     const KernelInfo& wide = round_info<T, D, M, RoundShape::kWide>();
     if (wide.binary_version < 90) return Kernel::kCpAsync;
     auto one_wave = [&](const KernelInfo& k) { return grid <= static_cast<long long>(k.blocks_per_sm) * k.num_sms; };
-    if constexpr (decode::kHasDeepShape<D>) {
-      if (one_wave(round_info<T, D, M, RoundShape::kDeep>())) return Kernel::kRoundDeep;
+    if constexpr (decode::kHasTripleShape<D>) {
+      if (num_splits == 1 && one_wave(round_info<T, D, M, RoundShape::kTriple>())) return Kernel::kRoundTriple;
     }
     return one_wave(wide) ? Kernel::kRoundWide : Kernel::kRoundNarrow;
   }
@@ -191,9 +193,10 @@ void check_params(const DecodeParams& p) {
 int decode_attention_tile_tokens() { return RoundConfig<128, RoundShape::kWide>::kRoundTokens; }
 
 KernelInfo decode_attention_info(DType dtype, int head_dim, int heads_per_chunk, int page_size,
-                                 long long grid_size) {
+                                 long long grid_size, int num_splits) {
+  MPSK_REQUIRE(num_splits >= 1, "num_splits must be >= 1");
   KernelInfo info = dispatch(dtype, head_dim, heads_per_chunk, [&]<typename T, int D, int M>() {
-    return attention_info<T, D, M>(choose_kernel<T, D, M>(page_size, grid_size));
+    return attention_info<T, D, M>(choose_kernel<T, D, M>(page_size, grid_size, num_splits));
   });
   info.grid_size = grid_size;
   return info;
@@ -213,7 +216,7 @@ void decode_attention(const DecodeParams& p, DType dtype, cudaStream_t stream) {
     // TMA coordinates are int32 and its global addresses 16-byte aligned; anything else takes cp.async.
     const bool tma_ok = static_cast<long long>(p.num_pages) * p.page_size <= INT_MAX &&
                         reinterpret_cast<uintptr_t>(p.k_cache) % 16 == 0 && reinterpret_cast<uintptr_t>(p.v_cache) % 16 == 0;
-    const Kernel kernel = tma_ok ? choose_kernel<T, D, M>(p.page_size, grid) : Kernel::kCpAsync;
+    const Kernel kernel = tma_ok ? choose_kernel<T, D, M>(p.page_size, grid, p.num_splits) : Kernel::kCpAsync;
     const KernelInfo& info = attention_info<T, D, M>(kernel);
     const dim3 blocks(static_cast<unsigned>(grid));
     if (kernel == Kernel::kCpAsync) {

@@ -28,10 +28,10 @@ struct DecodeParams {
   float scale;
 };
 
-// Resources and occupancy of the attention kernel a launch with these sizes and grid would use (on sm_90
-// builds with pages of 16 tokens or more a TMA kernel, else the cp.async kernel; info.name says which).
+// Resources and occupancy of the attention kernel a launch with these sizes, grid and split count would use
+// (on sm_90 builds with pages of 16 tokens or more a TMA kernel, else the cp.async kernel; info.name says which).
 KernelInfo decode_attention_info(DType dtype, int head_dim, int heads_per_chunk, int page_size,
-                                 long long grid_size);
+                                 long long grid_size, int num_splits);
 KernelInfo decode_combine_info(DType dtype, long long grid_size);
 // The split planner rounds a split's tokens to a multiple of this.
 int decode_attention_tile_tokens();

@@ -16,10 +16,12 @@
 //   wide:   64-token rounds and a fifth warp that only issues copies (waiting on `empty`), so the refill
 //           is off the math warps' path; 96 KB, 2 CTAs per SM. A lone narrow CTA streams about 18 GB/s
 //           (its rounds are latency-bound), a wide one about 32: grids of at most one wide wave take it.
-//   deep:   wide with a 192 KB ring (6 rounds at D = 128), one CTA per SM, for grids of at most one CTA per
-//           SM. 32 GB/s per CTA is just the copy rate over 132 SMs, so 128 wide CTAs fell 3% short of SDPA
-//           (3B 64 x 8192); with 5 rounds in flight instead of 2 they come within 0.5 to 2.5% of it. At
-//           D = 256 the wide ring is already 192 KB, so deep is wide there and is not built.
+//   triple: three wide pipelines of 2 stages in one CTA (192 KB at D = 128, one CTA per SM), for grids of at
+//           most one CTA per SM. Each pipeline takes a third of the CTA's range; their states merge in shared
+//           memory at the end. On H200 (BENCHMARKS.md) a deep CTA's rate is set by its copy warp's issue:
+//           one pipeline with a 6-round ring fell 0.5 to 2% short of SDPA at 3B 64 x 8192, two pipelines
+//           of 3 rounds matched it and three of 2 beat it. At D = 256 one wide ring is already 192 KB, so
+//           there is no triple shape.
 #pragma once
 #include <cuda.h>
 
@@ -29,38 +31,45 @@
 
 namespace mpskern::decode {
 
-enum class RoundShape { kNarrow, kWide, kDeep };
+enum class RoundShape { kNarrow, kWide, kTriple };
 
 template <int D, RoundShape kShape>
 struct RoundConfig {
-  static constexpr int kWarps = 4;                                  // math warps
+  static constexpr int kWarps = 4;                                  // math warps of a pipeline
   static constexpr bool kProducer = kShape != RoundShape::kNarrow;  // a fifth warp issues the copies
-  static constexpr int kThreads = (kWarps + kProducer) * 32;
+  static constexpr int kGroups = kShape == RoundShape::kTriple ? 3 : 1;  // pipelines in the CTA
+  static constexpr int kMathThreads = kGroups * kWarps * 32;
+  static constexpr int kThreads = kGroups * (kWarps + kProducer) * 32;
+  // The register budget: 0 leaves it to ptxas, as narrow and wide were tuned. Told nothing, ptxas held a
+  // 320-thread CTA of two pipelines to 96 registers and spilled; it needs to know that one CTA per SM is the aim.
+  static constexpr int kMinCtasPerSm = kGroups > 1 ? 1 : 0;
   static constexpr int kWarpTokens = kProducer ? 16 : 8;  // S columns per warp per round
   static constexpr int kRoundTokens = kWarps * kWarpTokens;
   static constexpr int kTiles = kRoundTokens / kTileTokens;  // 16-row TMA tiles per round
   static constexpr int kStageBytes = kTiles * TmaTile<D>::kBytes;
   // Measured at D = 128 on the grids each shape serves (BENCHMARKS.md): narrow with 2 stages (6 CTAs per SM)
   // was 1 to 15% slower, 32-token rounds with 4 stages (3 CTAs) up to 18%; wide with 2 stages 0 to 10%;
-  // deep with 4, 5 or 6 stages the same.
-  static constexpr int kStages = kShape == RoundShape::kDeep ? (192 << 10) / kStageBytes : 3;
+  // triple against two pipelines of 3 stages, 0 to 1% faster.
+  static constexpr int kStages = kShape == RoundShape::kTriple ? 2 : 3;
+  static constexpr int kRingBytes = kGroups * kStages * kStageBytes;
   static constexpr int kCols = D / kWarps;  // O columns per math warp
   static_assert(32 % kTiles == 0, "a round's page ids come from one 32-tile window");
 };
 
+// The rings (with slack to align them by hand), then, with several pipelines, their merge buffer (M <= 16).
 template <int D, RoundShape kShape>
 constexpr int round_smem_bytes() {
   using C = RoundConfig<D, kShape>;
-  return C::kStages * C::kStageBytes + kTmaSwizzleAlign;  // slack to align the ring by hand
+  return C::kRingBytes + kTmaSwizzleAlign + (C::kGroups > 1 ? merge_smem_bytes<D, 16, C::kGroups>() : 0);
 }
 
-// Deep only where its ring is deeper than wide's (D = 128); elsewhere it would be a copy of the wide kernel.
+// Triple only where its rings fit in one CTA's shared memory (D = 128).
 template <int D>
-constexpr bool kHasDeepShape = RoundConfig<D, RoundShape::kDeep>::kStages > RoundConfig<D, RoundShape::kWide>::kStages;
+constexpr bool kHasTripleShape = RoundConfig<D, RoundShape::kTriple>::kRingBytes <= (192 << 10);
 
 // tmap_k / tmap_v: the caches as 3-D tensors [num_pages * page_size][kv_heads][D] with a {64, 1, 16} box.
 template <typename T, int D, int M, RoundShape kShape>
-__global__ void __launch_bounds__(RoundConfig<D, kShape>::kThreads)
+__global__ void __launch_bounds__(RoundConfig<D, kShape>::kThreads, RoundConfig<D, kShape>::kMinCtasPerSm)
     decode_attention_round_kernel(const __grid_constant__ DecodeParams p, const __grid_constant__ CUtensorMap tmap_k,
                                   const __grid_constant__ CUtensorMap tmap_v) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
@@ -70,24 +79,35 @@ __global__ void __launch_bounds__(RoundConfig<D, kShape>::kThreads)
   constexpr int NT = C::kWarpTokens / 8;  // n8 tiles of S per warp
   constexpr int ONT = C::kCols / 8;       // n8 tiles of O per warp
   constexpr int S = C::kStages;
-  constexpr int kIssuer = C::kProducer ? C::kWarps : 0;
+  constexpr int G = C::kGroups;
 
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  unsigned char* ring = swizzle_aligned(smem_raw);
-  __shared__ uint64_t full[S], empty[S];
-  __shared__ uint2 pbuf[C::kRoundTokens / 8][32];  // P of a round as A-fragment halves, one n8 tile per row
-  __shared__ float red[C::kWarps][M];              // per-warp row maxima; at the end, row sums
+  __shared__ uint64_t full_g[G][S], empty_g[G][S];
+  __shared__ uint2 pbuf_g[G][C::kRoundTokens / 8][32];  // P of a round as A-fragment halves, one n8 tile per row
+  __shared__ float red_g[G][C::kWarps][M];              // per-warp row maxima; at the end, row sums
+  __shared__ uint64_t merged;                            // G > 1: every math thread has stashed its state
 
+  // Warps [0, G kWarps) compute, pipeline by pipeline; the G issuing warps come after them.
   const int lane = threadIdx.x % 32;
-  const int warp = threadIdx.x / 32;
+  const bool issuer = threadIdx.x >= C::kMathThreads;
+  const int grp = G == 1 ? 0 : issuer ? threadIdx.x / 32 - G * C::kWarps : threadIdx.x / (32 * C::kWarps);
+  const int warp = G == 1 ? threadIdx.x / 32 : issuer ? C::kWarps : threadIdx.x / 32 % C::kWarps;  // in the pipeline
+  constexpr int kIssuer = C::kProducer ? C::kWarps : 0;
   const int g = lane / 4, tq = lane % 4;
-  const WorkItem w(p, blockIdx.x);
+  unsigned char* ring = swizzle_aligned(smem_raw) + grp * S * C::kStageBytes;
+  uint64_t* full = full_g[grp];
+  uint64_t* empty = empty_g[grp];
+  auto& pbuf = pbuf_g[grp];
+  auto& red = red_g[grp];
+  WorkItem w(p, blockIdx.x);
+  if constexpr (G > 1) w.take_part(grp, G, C::kTiles);
   const int n_rounds = (w.n_tiles + C::kTiles - 1) / C::kTiles;
   if (threadIdx.x == 0) {
-    for (int s = 0; s < S; ++s) {
-      tma::mbar_init(&full[s], 1);  // the issuer's arrive; the copies add their bytes
-      if constexpr (C::kProducer) tma::mbar_init(&empty[s], C::kWarps);  // one arrive per math warp
+    for (int i = 0; i < G * S; ++i) {
+      tma::mbar_init(&full_g[i / S][i % S], 1);  // the issuer's arrive; the copies add their bytes
+      if constexpr (C::kProducer) tma::mbar_init(&empty_g[i / S][i % S], C::kWarps);  // one arrive per math warp
     }
+    if constexpr (G > 1) tma::mbar_init(&merged, C::kMathThreads);
     tma::mbar_init_fence();
   }
   __syncthreads();
@@ -133,9 +153,9 @@ __global__ void __launch_bounds__(RoundConfig<D, kShape>::kThreads)
   }
   // The math warps' barrier. Without a producer it is the CTA's: bar.sync 1 with a thread count in its place
   // was 0.3 to 1.4% slower at D = 128 (A/B on H200, BENCHMARKS.md).
-  auto sync_math = [] {
+  auto sync_math = [grp] {
     if constexpr (C::kProducer) {
-      asm volatile("bar.sync 1, %0;\n" ::"n"(C::kWarps * 32) : "memory");
+      asm volatile("bar.sync %0, %1;\n" ::"r"(1 + grp), "n"(C::kWarps * 32) : "memory");
     } else {
       __syncthreads();
     }
@@ -246,14 +266,43 @@ __global__ void __launch_bounds__(RoundConfig<D, kShape>::kThreads)
     if (tq == 0) red[warp][g + 8 * r] = l;
   }
   sync_math();
+  float l_row[R];
+#pragma unroll
+  for (int r = 0; r < R; ++r) {
+    l_row[r] = 0.f;
+#pragma unroll
+    for (int v = 0; v < C::kWarps; ++v) l_row[r] += red[v][g + 8 * r];
+  }
+  if constexpr (G > 1) {
+    // The pipelines' states meet in their own buffer past the rings: each math warp stashes its columns, then
+    // every math thread writes merged heads (unsplit: the triple shape never takes a split launch). The copy warps
+    // have left, so the math threads meet on their own barrier.
+    const MergeBuffer<D, M> buf{reinterpret_cast<float*>(swizzle_aligned(smem_raw) + C::kRingBytes)};
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      const int row = g + 8 * r;
+      float* dst = buf.o(grp, row) + warp * C::kCols + tq * 2;
+#pragma unroll
+      for (int n = 0; n < ONT; ++n) *reinterpret_cast<float2*>(dst + n * 8) = make_float2(o[n][2 * r], o[n][2 * r + 1]);
+      if (warp == 0 && tq == 0) {
+        buf.template ml<G>(grp, row)[0] = m_run[r];
+        buf.template ml<G>(grp, row)[1] = l_row[r];
+      }
+    }
+    // An mbarrier, not `bar.sync 4, 384`: the same order, but racecheck reports a race across a counted barrier
+    // once the pipelines have passed their own barriers a different number of times
+    // (scripts/racecheck_named_barrier.cu).
+    tma::mbar_arrive(&merged);
+    tma::mbar_wait(&merged, 0);
+    write_merged<G, T>(p, w, buf, C::kMathThreads);
+    return;
+  }
   const bool direct = p.num_splits == 1;
 #pragma unroll
   for (int r = 0; r < R; ++r) {
     const int row = g + 8 * r;
     if (row >= w.nheads) continue;
-    float l = 0.f;
-#pragma unroll
-    for (int v = 0; v < C::kWarps; ++v) l += red[v][row];
+    const float l = l_row[r];
     const float inv = l > 0.f ? 1.f / l : 0.f;  // an empty range writes zeros (and LSE -inf)
     const int h = w.head0 + row;
     const long long bh = static_cast<long long>(w.b) * p.heads + h;

@@ -55,6 +55,16 @@ struct WorkItem {
     last_token = p.max_pages * p.page_size - 1;
   }
 
+  // Narrow the range to part `part` of `parts` near-equal parts, cut at multiples of `tiles` tiles.
+  __device__ void take_part(int part, int parts, int tiles) {
+    const int chunks = (n_tiles + tiles - 1) / tiles;
+    const int per = (chunks + parts - 1) / parts * tiles;
+    const int first = begin;
+    begin = first + min(part * per, n_tiles) * kTileTokens;
+    end = min(end, first + min((part + 1) * per, n_tiles) * kTileTokens);
+    n_tiles = end > begin ? (end - begin + kTileTokens - 1) / kTileTokens : 0;
+  }
+
   // Warp w of nw takes tiles w, w + nw, ...: its count, and the first token of its i-th tile.
   __device__ int warp_tiles(int warp, int nw) const { return warp < n_tiles ? (n_tiles - warp + nw - 1) / nw : 0; }
   __device__ int tile_start(int warp, int nw, int i) const { return begin + (warp + i * nw) * kTileTokens; }

@@ -40,8 +40,9 @@ def extension() -> Any:
 
 def decode_plan(batch: int, heads: int, kv_heads: int, head_dim: int, max_context: int, dtype: torch.dtype,
                 page_size: int, num_splits: int | None = None) -> DecodePlan:
-    """The launch the CUDA kernel uses for these sizes (also what kernel_info reports). The page size, head_dim
-    and unsplit grid pick the kernel (decode_attention.cu), whose occupancy feeds the plan."""
+    """The launch the CUDA kernel uses for these sizes (also what kernel_info reports). The split count fills
+    the waves of the kernel a split launch of these (sequence, KV head) pairs takes (decode_attention.cu picks
+    it by page size, head_dim, grid and whether it splits)."""
     return _cached_plan(torch.cuda.current_device(), batch, heads, kv_heads, head_dim, max_context, dtype, page_size,
                         num_splits)
 
@@ -55,8 +56,10 @@ def _cached_plan(device_index: int, batch: int, heads: int, kv_heads: int, head_
     ext = extension()
     group = heads // kv_heads
     head_chunks, heads_per_chunk = head_chunking(group)
+    # Only a split count uses the occupancy, so ask for the kernel a split launch takes (for the round kernel,
+    # wide rather than triple: the triple shape is for unsplit grids).
     res = ext.decode_attention_info(dtype=_DTYPE_CODES[dtype], head_dim=head_dim, heads_per_chunk=heads_per_chunk,
-                                    page_size=page_size, grid_size=batch * kv_heads * head_chunks)
+                                    page_size=page_size, grid_size=batch * kv_heads * head_chunks, num_splits=2)
     return plan_decode(batch=batch, kv_heads=kv_heads, group=group, max_context=max_context,
                        num_sms=res["num_sms"], ctas_per_sm=res["blocks_per_sm"],
                        tile_tokens=ext.decode_attention_tile_tokens(), policy=split_policy(res["name"]),
@@ -98,7 +101,7 @@ def kernel_info(*, batch: int, heads: int, kv_heads: int, head_dim: int, max_con
     grid = batch * kv_heads * plan.head_chunks * plan.num_splits
     info = {"decode_attention": extension().decode_attention_info(
         dtype=_DTYPE_CODES[dtype], head_dim=head_dim, heads_per_chunk=plan.heads_per_chunk, page_size=page_size,
-        grid_size=grid)}
+        grid_size=grid, num_splits=plan.num_splits)}
     if plan.needs_combine:
         info["decode_combine"] = extension().decode_combine_info(dtype=_DTYPE_CODES[dtype], grid_size=batch * heads)
     info["plan"] = {"num_splits": plan.num_splits, "tokens_per_split": plan.tokens_per_split,

@@ -9,7 +9,7 @@ Splitting costs: the partials' write, the combine kernel and its launch take 8 t
 How many CTAs a kernel needs to stream KV at its full rate is measured per kernel (BENCHMARKS.md) and kept
 in its SplitPolicy: the CUDA kernels keep their full rate with one CTA per SM (per-warp kernel on H100, 3B
 shapes, 128 unsplit CTAs: 53 us for 134 MB, on the same time-vs-bytes line as 1024 CTAs; the round kernel's
-deep shape on H200, 3B 64 x 8192: 125 to 130 us unsplit, within 0.5 to 2.5% of SDPA); the Triton kernel needs
+triple shape on H200, 3B 64 x 8192: 126 to 129 us unsplit, 0.996 to 1.013 x SDPA); the Triton kernel needs
 about two.
 """
 from __future__ import annotations
@@ -35,11 +35,12 @@ class SplitPolicy:
 # wave of splits 212, two 193; but unsplit wins at 256 CTAs (7B 64 x 8192: 371 vs 381 us).
 CUDA_SPLITS = SplitPolicy(unsplit_ctas_per_sm=0.8, waves=2)
 TRITON_SPLITS = SplitPolicy(unsplit_ctas_per_sm=1.5, waves=2)
-# The CUDA round kernel (D >= 128 on sm_90) is planned with the occupancy of the shape the unsplit grid takes
-# (deep, one CTA per SM, at D = 128 when the pairs are fewer than the SMs): the splits fill at most one wave of
-# it. Measured on H200 at 8 x 32768: one wave of wide CTAs (3B 16 splits 69.1 us, 7B 8 splits 127.2) beat two
+# The CUDA round kernel (D >= 128 on sm_90) is planned with the occupancy of the shape a split launch takes
+# (wide, two CTAs per SM; the one-per-SM triple shape is for unsplit grids): the splits fill at most one wave
+# of it. Measured on H200 at 8 x 32768: one wave of wide CTAs (3B 16 splits 69.1 us, 7B 8 splits 127.2) beat two
 # of narrow ones (71.2, 129.6), and 17 splits (544 CTAs for 528 narrow slots) took 7B 156 us: the 16 CTAs of
-# the thin second wave stream alone. One wave of deep CTAs (8 and 4 splits) beat wide: 69.3 and 128.2 us.
+# the thin second wave stream alone. One wave of triple CTAs (8 and 4 splits) lost to it in two sessions:
+# 3B 70.2 against 68.8, 7B 129.3 against 128.8.
 CUDA_ROUND_SPLITS = SplitPolicy(unsplit_ctas_per_sm=0.8, waves=1, at_most=True)
 
 
