@@ -74,25 +74,22 @@ __global__ void __launch_bounds__(kThreads, 1) toy(const float* src, float* out,
     asm volatile("bar.sync 4, %0;\n" ::"n"(kMath) : "memory");  // every copied byte read before the stash
   }
   if (mode >= 4) {  // each group's own rounds: write, group barrier, read a neighbour, group barrier
+    auto group_barrier = [&] {  // inlined at each call: two barrier sites a round, as the kernel's rounds have
+      if (mode == 6) {
+        if (g == 0) asm volatile("bar.sync 1, 128;\n" ::: "memory");
+        else if (g == 1) asm volatile("bar.sync 2, 128;\n" ::: "memory");
+        else asm volatile("bar.sync 3, 128;\n" ::: "memory");
+      } else {
+        asm volatile("bar.sync %0, 128;\n" ::"r"(1 + g) : "memory");
+      }
+    };
     float* scratch = copied;
     const int rounds = mode == 5 ? 3 : 3 * (g + 1);
     for (int r = 0; r < rounds; ++r) {
       scratch[t] = v + r;
-      if (mode == 6) {
-        if (g == 0) asm volatile("bar.sync 1, 128;\n" ::: "memory");
-        else if (g == 1) asm volatile("bar.sync 2, 128;\n" ::: "memory");
-        else asm volatile("bar.sync 3, 128;\n" ::: "memory");
-      } else {
-        asm volatile("bar.sync %0, 128;\n" ::"r"(1 + g) : "memory");
-      }
+      group_barrier();
       v += 0.f * scratch[g * 128 + (t + 1) % 128];
-      if (mode == 6) {
-        if (g == 0) asm volatile("bar.sync 1, 128;\n" ::: "memory");
-        else if (g == 1) asm volatile("bar.sync 2, 128;\n" ::: "memory");
-        else asm volatile("bar.sync 3, 128;\n" ::: "memory");
-      } else {
-        asm volatile("bar.sync %0, 128;\n" ::"r"(1 + g) : "memory");
-      }
+      group_barrier();
     }
   }
   float* stash = mode == 1 ? copied : fresh;
