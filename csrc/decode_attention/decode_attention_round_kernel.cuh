@@ -6,7 +6,7 @@
 //   2. the row maxima meet in shared memory (barrier), and every warp rescales with the round's maximum;
 //   3. P goes through shared memory as MMA A-fragments (barrier);
 //   4. each warp accumulates O += P V over the whole round for its own D / 4 columns.
-// A warp then holds a quarter of the accumulator and no K/V fragments: 80 to 113 registers at D = 128
+// A warp then holds a quarter of the accumulator and no K/V fragments: 96 to 122 registers at D = 128
 // (the per-warp kernel needs 194), so shared memory, not registers, sets the CTAs per SM. Measured on H200
 // (BENCHMARKS.md), 16 warps per SM, not more bytes in flight, is what closed most of the gap to cuDNN.
 //
@@ -167,6 +167,11 @@ __global__ void __launch_bounds__(RoundConfig<D, kShape>::kThreads, RoundConfig<
   float m_run[R], l_run[R], o[ONT][2 * R];  // the softmax state is the same in every warp; O is this warp's columns
   reset_softmax_state(m_run, l_run, o);
 
+  // Narrow at D = 128: each tile's P V goes into its own zeroed accumulators, added to the rescaled O after the
+  // round, so neither the rescale nor the previous tile sits on the MMA chain. With the four-chain S below, 0.2
+  // to 0.5% faster on the narrow benchmark shapes (H200, BENCHMARKS.md); the rounds are latency-bound, not
+  // MMA-bound (half the MMAs: +0.3%). Wide's four tiles, or D = 256, would cost 32 or more registers.
+  constexpr bool kTilePartials = kShape == RoundShape::kNarrow && D == 128;
   const int mat = lane / 8;  // the ldmatrix matrix this lane addresses
   const int wt0 = warp * C::kWarpTokens;
   for (int rnd = 0; rnd < n_rounds; ++rnd) {
@@ -186,15 +191,25 @@ __global__ void __launch_bounds__(RoundConfig<D, kShape>::kThreads, RoundConfig<
         ptx::mma_16816<T>(kk % 2 ? s_odd[0] : s[0], qa[kk], b0);
         ptx::mma_16816<T>(kk % 2 ? s_odd[1] : s[1], qa[kk], b1);
       }
-    } else {  // 8 tokens: matrices (k lo, k hi) of k step kk, then of kk + 1
+    } else {  // 8 tokens: matrices (k lo, k hi) of k step kk, then of kk + 1; four chains of KSTEPS / 4
       const int row0 = wt0 % kTileTokens;
+      static_assert(KSTEPS % 4 == 0, "four chains of k steps");
+      float s2[4] = {}, s3[4] = {};
 #pragma unroll
-      for (int kk = 0; kk < KSTEPS; kk += 2) {
-        uint32_t kb[4];
+      for (int kk = 0; kk < KSTEPS; kk += 4) {
+        uint32_t kb[4], kc[4];
         ptx::ldmatrix_x4(kb, ktile.k(row0 + lane % 8, kk * 2 + mat));
-        const uint32_t b0[2] = {kb[0], kb[1]}, b1[2] = {kb[2], kb[3]};
+        ptx::ldmatrix_x4(kc, ktile.k(row0 + lane % 8, kk * 2 + 4 + mat));
+        const uint32_t b0[2] = {kb[0], kb[1]}, b1[2] = {kb[2], kb[3]}, b2[2] = {kc[0], kc[1]}, b3[2] = {kc[2], kc[3]};
         ptx::mma_16816<T>(s[0], qa[kk], b0);
         ptx::mma_16816<T>(s_odd[0], qa[kk + 1], b1);
+        ptx::mma_16816<T>(s2, qa[kk + 2], b2);
+        ptx::mma_16816<T>(s3, qa[kk + 3], b3);
+      }
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        s[0][j] += s2[j];
+        s_odd[0][j] += s3[j];
       }
     }
 
@@ -221,10 +236,13 @@ __global__ void __launch_bounds__(RoundConfig<D, kShape>::kThreads, RoundConfig<
       for (int v = 0; v < C::kWarps; ++v) m_new = fmaxf(m_new, red[v][g + 8 * r]);
       rescale[r] = online_softmax_row(s, r, m_new, m_run[r], l_run[r]);
     }
+    if constexpr (!kTilePartials) {
 #pragma unroll
-    for (int n = 0; n < ONT; ++n)
+      for (int n = 0; n < ONT; ++n)
 #pragma unroll
-      for (int j = 0; j < 2 * R; ++j) o[n][j] *= rescale[j / 2];
+        for (int j = 0; j < 2 * R; ++j) o[n][j] *= rescale[j / 2];
+    }
+    float pv[kTilePartials ? C::kTiles : 1][ONT][2 * R] = {};
 
     // 3. P's accumulator layout is the A-fragment layout: n8 tile t holds a0/a1 (t even) or a2/a3 (t odd) of
     // k step t / 2. With M = 8, rows 8..15 are zero.
@@ -248,8 +266,23 @@ __global__ void __launch_bounds__(RoundConfig<D, kShape>::kThreads, RoundConfig<
       for (int nd = 0; nd < C::kCols / 16; ++nd) {
         uint32_t vb[4];  // matrices: (tok 0-7, d lo), (tok 8-15, d lo), (tok 0-7, d hi), (tok 8-15, d hi)
         ptx::ldmatrix_x4_trans(vb, vtile.v((mat & 1) * 8 + lane % 8, warp * (C::kCols / 8) + nd * 2 + (mat >> 1)));
-        mma_pv_16cols<T, R>(o[2 * nd], o[2 * nd + 1], pa, vb, vmask);
+        if constexpr (kTilePartials) {
+          mma_pv_16cols<T, R>(pv[j][2 * nd], pv[j][2 * nd + 1], pa, vb, vmask);
+        } else {
+          mma_pv_16cols<T, R>(o[2 * nd], o[2 * nd + 1], pa, vb, vmask);
+        }
       }
+    }
+    if constexpr (kTilePartials) {
+#pragma unroll
+      for (int n = 0; n < ONT; ++n)
+#pragma unroll
+        for (int q = 0; q < 2 * R; ++q) {
+          float acc = o[n][q] * rescale[q / 2];
+#pragma unroll
+          for (int j = 0; j < C::kTiles; ++j) acc += pv[j][n][q];
+          o[n][q] = acc;
+        }
     }
     if constexpr (C::kProducer) {
       __syncwarp();
