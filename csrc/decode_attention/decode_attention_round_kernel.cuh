@@ -179,7 +179,7 @@ __global__ void __launch_bounds__(RoundConfig<D, kShape>::kThreads, RoundConfig<
     const unsigned char* st = ring + (rnd % S) * C::kStageBytes;
     const int round0 = w.begin + rnd * C::kRoundTokens;
 
-    // 1. S = Q K^T for this warp's tokens, the k steps in two independent MMA chains.
+    // 1. S = Q K^T for this warp's tokens, the k steps in independent MMA chains (two per n8 tile, or four).
     const SwizzledTile<T, D> ktile{st + (wt0 / kTileTokens) * TmaTile<D>::kBytes};
     float s[NT][4] = {}, s_odd[NT][4] = {};
     if constexpr (NT == 2) {  // 16 tokens: matrices (tok 0-7, k lo), (tok 0-7, k hi), (tok 8-15, lo), (8-15, hi)
@@ -191,7 +191,7 @@ __global__ void __launch_bounds__(RoundConfig<D, kShape>::kThreads, RoundConfig<
         ptx::mma_16816<T>(kk % 2 ? s_odd[0] : s[0], qa[kk], b0);
         ptx::mma_16816<T>(kk % 2 ? s_odd[1] : s[1], qa[kk], b1);
       }
-    } else {  // 8 tokens: matrices (k lo, k hi) of k step kk, then of kk + 1; four chains of KSTEPS / 4
+    } else {  // 8 tokens: one x4 holds (k lo, k hi) of k steps kk and kk + 1; four chains of KSTEPS / 4
       const int row0 = wt0 % kTileTokens;
       static_assert(KSTEPS % 4 == 0, "four chains of k steps");
       float s2[4] = {}, s3[4] = {};
