@@ -157,7 +157,8 @@ def pages() -> None:
             times = interleaved_ms([graphed(rotating(paged_calls(sets))), read, sdpa], calls=20, rounds=16)
             t_sdpa = times[-1]
             speedups = [statistics.median(round_ratios(t_sdpa, t)) for t in times[:2]]
-            cells.append(" | ".join(f"{statistics.median(t) * 1e3:.1f} (x{x:.3f})" for t, x in zip(times, speedups)))
+            cells.append(" | ".join(f"{statistics.median(t) * 1e3:.1f} (x{x:.3f})"
+                                    for t, x in zip(times[:2], speedups)))
             del sets, read
             torch.cuda.empty_cache()
         print(f"  {name[6:]} {b} x {c}: " + " / ".join(cells) + f"; SDPA {statistics.median(t_sdpa) * 1e3:.1f}",
