@@ -23,7 +23,7 @@ TOL = {torch.bfloat16: 1e-2, torch.float16: 2e-3}
 
 
 def run_case(backend, batch_lens, heads, kv_heads, head_dim, page_size, dtype, *, num_splits=None, seed=0,
-             q_strided=False):
+             q_strided=False, out_layout=None):
     torch.manual_seed(seed)
     kv = make_paged_kv(batch_lens, kv_heads, head_dim, page_size=page_size, dtype=dtype)
     b = len(batch_lens)
@@ -31,12 +31,23 @@ def run_case(backend, batch_lens, heads, kv_heads, head_dim, page_size, dtype, *
         q = torch.randn(b, heads + 3, head_dim, device="cuda", dtype=dtype)[:, 2 : 2 + heads]
     else:
         q = torch.randn(b, heads, head_dim, device="cuda", dtype=dtype)
-    out = torch.full((b, heads, head_dim), float("nan"), device="cuda", dtype=dtype)  # poisoned
+    # out, poisoned: [B, H, D], or a view of a wider buffer whose other elements must stay untouched
+    if out_layout == "padded_rows":  # rows D + 4 apart: not 16-byte aligned
+        buf = torch.full((b, heads, head_dim + 4), float("nan"), device="cuda", dtype=dtype)
+        out = buf[..., :head_dim]
+    elif out_layout == "head_slice":  # heads 2 .. 2 + H of a [B, H + 3, D] buffer: aligned, with gaps
+        buf = torch.full((b, heads + 3, head_dim), float("nan"), device="cuda", dtype=dtype)
+        out = buf[:, 2 : 2 + heads]
+    else:
+        buf = out = torch.full((b, heads, head_dim), float("nan"), device="cuda", dtype=dtype)
     ops.decode_attention(q, kv.k_cache, kv.v_cache, kv.block_table, kv.seq_lens, out=out, backend=backend,
                          num_splits=num_splits)
     ref = decode_attention_dense(q, kv.k_cache, kv.v_cache, kv.block_table, kv.seq_lens)
     err = rel_err(out, ref)
     assert err < TOL[dtype], f"rel err {err:.3e}"
+    outside = torch.ones_like(buf, dtype=torch.bool)
+    outside.as_strided(out.size(), out.stride(), out.storage_offset()).fill_(False)
+    assert buf[outside].isnan().all(), "wrote outside out"
     return out, ref
 
 
@@ -91,6 +102,17 @@ def test_group_sizes_beyond_one_cta(backend, hk):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_strided_q(backend):
     run_case(backend, [1025, 17], 14, 2, 64, 16, torch.bfloat16, q_strided=True)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("batch", [5, 70, 140], ids=["triple", "wide", "narrow"])
+@pytest.mark.parametrize("out_layout", ["padded_rows", "head_slice"])
+def test_strided_out(backend, batch, out_layout):
+    """out as a view of a wider buffer: the CUDA round kernels write aligned rows by bulk copies and others by
+    per-thread stores (batch sizes for each round shape at 16 / 2 heads on 132 SMs, whole sequences per CTA);
+    nothing outside the view is written. Lengths include 0 (zeros) and partial tiles."""
+    lens = [[200, 97, 33, 0, 16, 161][i % 6] for i in range(batch)]
+    run_case(backend, lens, 16, 2, 128, 16, torch.bfloat16, num_splits=1, out_layout=out_layout)
 
 
 @pytest.mark.parametrize("backend", BACKENDS + ["torch"])

@@ -27,13 +27,15 @@ inline PFN_cuTensorMapEncodeTiled_v12000 tensor_map_encoder() {
   return fn;
 }
 
-// A 3-D tiled map: dims innermost first, byte strides of dims 1 and 2, the box copied per load.
-inline CUtensorMap tiled_map_3d(const void* base, CUtensorMapDataType dtype, const cuuint64_t (&dims)[3],
-                                const cuuint64_t (&strides)[2], const cuuint32_t (&box)[3],
-                                CUtensorMapSwizzle swizzle, CUtensorMapL2promotion l2_promotion) {
+// An N-D tiled map: dims innermost first, byte strides of dims 1 to N - 1 (in any order), the box copied per load.
+template <int N>
+inline CUtensorMap tiled_map(const void* base, CUtensorMapDataType dtype, const cuuint64_t (&dims)[N],
+                             const cuuint64_t (&strides)[N - 1], const cuuint32_t (&box)[N],
+                             CUtensorMapSwizzle swizzle, CUtensorMapL2promotion l2_promotion) {
   CUtensorMap map;
-  const cuuint32_t elem_strides[3] = {1, 1, 1};
-  const CUresult r = tensor_map_encoder()(&map, dtype, 3, const_cast<void*>(base), dims, strides, box, elem_strides,
+  cuuint32_t elem_strides[N];
+  for (int i = 0; i < N; ++i) elem_strides[i] = 1;
+  const CUresult r = tensor_map_encoder()(&map, dtype, N, const_cast<void*>(base), dims, strides, box, elem_strides,
                                           CU_TENSOR_MAP_INTERLEAVE_NONE, swizzle, l2_promotion,
                                           CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
   if (r != CUDA_SUCCESS) {

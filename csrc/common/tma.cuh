@@ -42,23 +42,27 @@ __device__ __forceinline__ void mbar_wait(uint64_t* bar, uint32_t parity) {
 // Orders this thread's earlier generic-proxy shared-memory accesses before its later async-proxy (TMA) ones.
 __device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
 
-// An L2 cache policy for data read once: its lines are the first to be evicted. Not volatile: the value never
-// changes, so the compiler may share one createpolicy among a round's copies (one per round, not per tile).
-__device__ __forceinline__ uint64_t evict_first_policy() {
-  uint64_t policy;
-  asm("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;\n" : "=l"(policy));
-  return policy;
+// One box of a 4-D tensor map into shared memory under an L2 cache policy; completion adds the box's bytes to
+// `bar`'s transaction count.
+__device__ __forceinline__ void load_4d(void* smem, const CUtensorMap* map, int c0, int c1, int c2, int c3,
+                                        uint64_t* bar, uint64_t l2_policy) {
+  asm volatile(
+      "cp.async.bulk.tensor.4d.shared::cluster.global.tile.mbarrier::complete_tx::bytes.L2::cache_hint [%0], [%1, "
+      "{%2, %3, %4, %5}], [%6], %7;\n" ::"r"(ptx::smem_addr(smem)),
+      "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(c2), "r"(c3), "r"(ptx::smem_addr(bar)),
+      "l"(l2_policy)
+      : "memory");
 }
 
-// One box of a 3-D tensor map into shared memory under an L2 cache policy; completion adds the box's bytes to
-// `bar`'s transaction count.
-__device__ __forceinline__ void load_3d(void* smem, const CUtensorMap* map, int c0, int c1, int c2, uint64_t* bar,
-                                        uint64_t l2_policy) {
-  asm volatile(
-      "cp.async.bulk.tensor.3d.shared::cluster.global.tile.mbarrier::complete_tx::bytes.L2::cache_hint [%0], [%1, "
-      "{%2, %3, %4}], [%5], %6;\n" ::"r"(ptx::smem_addr(smem)),
-      "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(c2), "r"(ptx::smem_addr(bar)), "l"(l2_policy)
-      : "memory");
+// Copies `bytes` (a multiple of 16, both addresses 16-byte aligned) from shared to global memory and waits until
+// the shared side has been read, so the buffer may be reused or the CTA may exit; the write completes on its own.
+// Generic-proxy writes to `smem` must be ordered before it (fence_proxy_async by each writer, then a barrier).
+__device__ __forceinline__ void store_bulk(void* gmem, const void* smem, uint32_t bytes) {
+  asm volatile("cp.async.bulk.global.shared::cta.bulk_group [%0], [%1], %2;\n" ::"l"(gmem),
+               "r"(ptx::smem_addr(smem)), "r"(bytes)
+               : "memory");
+  asm volatile("cp.async.bulk.commit_group;\n" ::: "memory");
+  asm volatile("cp.async.bulk.wait_group.read 0;\n" ::: "memory");
 }
 
 }  // namespace mpskern::tma

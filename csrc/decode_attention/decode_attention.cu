@@ -108,17 +108,21 @@ const KernelInfo& attention_info(Kernel kernel) {
   return cp_async_info<T, D, M>();
 }
 
-// The cache as [num_pages * page_size rows][kv_heads][D]: a box is one 64-column panel of 16 rows of a KV head.
+// The cache [num_pages * page_size rows][kv_heads][D] as a 4-D map {64 columns, rows, D / 64 panels, kv_heads}
+// (the panel and head strides are smaller than the row's): a box {64, 16, D / 64, 1} is a 16-row tile of one KV
+// head, landing panel by panel as the kernels' swizzled tiles expect (tma_tile.cuh).
 template <typename T, int D>
 CUtensorMap kv_tensor_map(const void* cache, const DecodeParams& p) {
   constexpr auto dtype = std::is_same_v<T, __half> ? CU_TENSOR_MAP_DATA_TYPE_FLOAT16 : CU_TENSOR_MAP_DATA_TYPE_BFLOAT16;
   constexpr auto l2 = decode::kL2PrefetchBytes<D> == 256 ? CU_TENSOR_MAP_L2_PROMOTION_L2_256B
                                                          : CU_TENSOR_MAP_L2_PROMOTION_L2_128B;
-  const cuuint64_t dims[3] = {D, static_cast<cuuint64_t>(p.kv_heads),
-                              static_cast<cuuint64_t>(p.num_pages) * p.page_size};
-  const cuuint64_t strides[2] = {D * sizeof(T), static_cast<cuuint64_t>(p.kv_heads) * D * sizeof(T)};
-  const cuuint32_t box[3] = {decode::kPanelCols, 1, decode::kTileTokens};
-  return tiled_map_3d(cache, dtype, dims, strides, box, CU_TENSOR_MAP_SWIZZLE_128B, l2);
+  constexpr int panels = decode::TmaTile<D>::kPanels;
+  const cuuint64_t dims[4] = {decode::kPanelCols, static_cast<cuuint64_t>(p.num_pages) * p.page_size, panels,
+                              static_cast<cuuint64_t>(p.kv_heads)};
+  const cuuint64_t strides[3] = {static_cast<cuuint64_t>(p.kv_heads) * D * sizeof(T), decode::kPanelCols * sizeof(T),
+                                 D * sizeof(T)};
+  const cuuint32_t box[4] = {decode::kPanelCols, decode::kTileTokens, panels, 1};
+  return tiled_map<4>(cache, dtype, dims, strides, box, CU_TENSOR_MAP_SWIZZLE_128B, l2);
 }
 
 // The K and V maps of a launch. A decode loop launches on the same caches step after step, so the last pair

@@ -1,8 +1,9 @@
 // How a 16-token K/V tile of one KV head lands in shared memory through TMA, shared by both TMA kernels.
 //
-// The cache is viewed as [page rows, KV head, D]; a tile is 16 page rows of one KV head, fetched as D / 64 boxes
-// of 64 columns (128 bytes, one 128B-swizzled panel) for K and as many for V. No per-thread address arithmetic
-// and no copy instructions in the math warps: one lane issues the copies, which complete on an mbarrier.
+// The cache is viewed as [KV head][D / 64 panels][page rows][64 columns] (a 4-D map over its [rows][KV head][D]
+// memory); a tile is 16 page rows of one KV head, fetched as one box for K and one for V, each landing as D / 64
+// panels of 16 rows x 128 bytes, 128B-swizzled. No per-thread address arithmetic and no copy instructions in the
+// math warps: one lane issues the copies, which complete on an mbarrier.
 #pragma once
 #include <cuda.h>
 
@@ -46,19 +47,14 @@ struct SwizzledTile {
 template <int D>
 __device__ __forceinline__ void load_tile(unsigned char* dst, const CUtensorMap* tmap_k, const CUtensorMap* tmap_v,
                                           int kvh, int row, uint64_t* bar) {
-  constexpr int P = TmaTile<D>::kPanels;
-  // A decode step reads each KV row once: evict-first keeps L2 for what is read again (the block table,
-  // seq_lens and Q here; an engine's next kernels). Measured on H200 (BENCHMARKS.md): 0.5 to 2.7% faster on five
-  // of the seven 0.5B/3B/7B shapes with batch >= 64, 1.1% slower at 7B 1024 x 512. Taken off the deep and wide
-  // shapes alone (fifth session): 3B 64 x 8192 2.9% slower, 7B 64 x 8192 (wide) 15%.
-  const uint64_t policy = tma::evict_first_policy();
-  // All of K's panels, then V's: both 128-byte halves of a K row are requested back to back (0.8 to 1.2% faster
-  // on the deep shape, 3B 64 x 8192; the same elsewhere).
-#pragma unroll
-  for (int pn = 0; pn < P; ++pn) tma::load_3d(dst + pn * kPanelBytes, tmap_k, pn * kPanelCols, kvh, row, bar, policy);
-#pragma unroll
-  for (int pn = 0; pn < P; ++pn)
-    tma::load_3d(dst + (P + pn) * kPanelBytes, tmap_v, pn * kPanelCols, kvh, row, bar, policy);
+  // A decode step reads each KV row once: evict-first keeps L2 for what is read again (the block table, seq_lens,
+  // the output; an engine's next kernels). Measured on H200 (BENCHMARKS.md): evict-normal copies were 4 to 12%
+  // slower on the narrow round shapes (eleventh session), 2.9 to 15% on the deep and wide ones (fifth).
+  const uint64_t policy = ptx::evict_first_policy();
+  // One box per tile for all of K's panels (half the copies of a box per panel at D = 128): 0.3 to 1.0% faster
+  // on every round-kernel benchmark shape (H200, eleventh session, BENCHMARKS.md).
+  tma::load_4d(dst, tmap_k, 0, row, 0, kvh, bar, policy);
+  tma::load_4d(dst + TmaTile<D>::kPanels * kPanelBytes, tmap_v, 0, row, 0, kvh, bar, policy);
 }
 
 }  // namespace mpskern::decode

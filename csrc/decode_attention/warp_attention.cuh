@@ -76,12 +76,14 @@ struct WorkItem {
 
 // The CTA's query heads as m16n8k16 A-fragments over D: a0 (g, k..k+1), a1 (g+8, k..), a2 (g, k+8..),
 // a3 (g+8, k+8..) for k step kk, with g = lane / 4 and k = 16 kk + 2 (lane % 4). Rows past the CTA's heads
-// (or past M) are zero.
+// (or past M) are zero. Q is read once, by this CTA only: evict-first keeps it from displacing in L2 what is
+// written or read again (7B 1024 x 512 on H200: 1.4% faster; the other shapes the same; BENCHMARKS.md).
 template <typename T, int D, int M>
 __device__ __forceinline__ void load_q_fragments(uint32_t (&qa)[D / 16][4], const DecodeParams& p, const WorkItem& w,
                                                  int lane) {
   const int g = lane / 4, tq = lane % 4;
   const T* qb = static_cast<const T*>(p.q) + w.b * p.q_stride_b;
+  const uint64_t policy = ptx::evict_first_policy();
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     const int row = g + 8 * r;
@@ -90,8 +92,8 @@ __device__ __forceinline__ void load_q_fragments(uint32_t (&qa)[D / 16][4], cons
 #pragma unroll
     for (int kk = 0; kk < D / 16; ++kk) {
       const int k = kk * 16 + tq * 2;
-      qa[kk][r] = ok ? *reinterpret_cast<const uint32_t*>(qrow + k) : 0u;
-      qa[kk][r + 2] = ok ? *reinterpret_cast<const uint32_t*>(qrow + k + 8) : 0u;
+      qa[kk][r] = ok ? ptx::ld_global_u32(qrow + k, policy) : 0u;
+      qa[kk][r + 2] = ok ? ptx::ld_global_u32(qrow + k + 8, policy) : 0u;
     }
   }
 }
