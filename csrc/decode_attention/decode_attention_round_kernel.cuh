@@ -63,7 +63,8 @@ constexpr int round_smem_bytes() {
   return C::kRingBytes + kTmaSwizzleAlign + (C::kGroups > 1 ? merge_smem_bytes<D, 16, C::kGroups>() : 0);
 }
 
-// Rows of the output staged for bulk copies: 16 bytes of padding spread a quad's rows over the banks.
+// Rows of the output staged for bulk copies: 16 bytes of padding put the 8 rows of one store instruction in
+// different banks.
 template <int D>
 constexpr int kStageRow = D + 8;
 
@@ -77,7 +78,8 @@ __device__ __forceinline__ bool bulk_store_ok(const DecodeParams& p) {
 template <int D>
 constexpr bool kHasTripleShape = RoundConfig<D, RoundShape::kTriple>::kRingBytes <= (192 << 10);
 
-// tmap_k / tmap_v: the caches as 3-D tensors [num_pages * page_size][kv_heads][D] with a {64, 1, 16} box.
+// tmap_k / tmap_v: the caches as 4-D maps {64 columns, rows, D / 64 panels, kv_heads} with a {64, 16, D / 64, 1} box
+// (kv_tensor_map in decode_attention.cu).
 template <typename T, int D, int M, RoundShape kShape>
 __global__ void __launch_bounds__(RoundConfig<D, kShape>::kThreads, RoundConfig<D, kShape>::kMinCtasPerSm)
     decode_attention_round_kernel(const __grid_constant__ DecodeParams p, const __grid_constant__ CUtensorMap tmap_k,
@@ -346,7 +348,7 @@ __global__ void __launch_bounds__(RoundConfig<D, kShape>::kThreads, RoundConfig<
   if (direct && bulk_store_ok<T, D>(p)) {
     // Every round has been consumed and every warp is past the row-sum barrier, so the ring is free: the heads'
     // rows are staged there and each goes out in one bulk copy, which the CTA waits for only until it is read.
-    // Against per-thread stores, 0.4 to 0.6% faster on the narrow benchmark shapes (H200, BENCHMARKS.md).
+    // Against per-thread stores, 0.2 to 0.6% faster on the narrow benchmark shapes (H200, BENCHMARKS.md).
     T* stage = reinterpret_cast<T*>(ring);
 #pragma unroll
     for (int r = 0; r < R; ++r) {

@@ -39,7 +39,8 @@ constexpr int tma_smem_bytes() {
   return (ring > merge ? ring : merge) + kTmaSwizzleAlign;  // slack to align the ring by hand
 }
 
-// tmap_k / tmap_v: the caches as 3-D tensors [num_pages * page_size][kv_heads][D] with a {64, 1, 16} box.
+// tmap_k / tmap_v: the caches as 4-D maps {64 columns, rows, D / 64 panels, kv_heads} with a {64, 16, D / 64, 1} box
+// (kv_tensor_map in decode_attention.cu).
 template <typename T, int D, int M>
 __global__ void __launch_bounds__(TmaConfig<D>::kThreads)
     decode_attention_tma_kernel(const __grid_constant__ DecodeParams p, const __grid_constant__ CUtensorMap tmap_k,

@@ -48,7 +48,7 @@ template <int D>
 __device__ __forceinline__ void load_tile(unsigned char* dst, const CUtensorMap* tmap_k, const CUtensorMap* tmap_v,
                                           int kvh, int row, uint64_t* bar) {
   // A decode step reads each KV row once: evict-first keeps L2 for what is read again (the block table, seq_lens,
-  // the output; an engine's next kernels). Measured on H200 (BENCHMARKS.md): evict-normal copies were 4 to 12%
+  // the output; an engine's next kernels). Measured on H200 (BENCHMARKS.md): evict-normal copies were 4 to 15%
   // slower on the narrow round shapes (eleventh session), 2.9 to 15% on the deep and wide ones (fifth).
   const uint64_t policy = ptx::evict_first_policy();
   // One box per tile for all of K's panels (half the copies of a box per panel at D = 128): 0.3 to 1.0% faster
