@@ -345,6 +345,9 @@ __global__ void __launch_bounds__(RoundConfig<D, kShape>::kThreads, RoundConfig<
     return;
   }
   const bool direct = p.num_splits == 1;
+  float inv[R];  // an empty range writes zeros (and LSE -inf)
+#pragma unroll
+  for (int r = 0; r < R; ++r) inv[r] = l_row[r] > 0.f ? 1.f / l_row[r] : 0.f;
   if (direct && bulk_store_ok<T, D>(p)) {
     // Every round has been consumed and every warp is past the row-sum barrier, so the ring is free: the heads'
     // rows are staged there and each goes out in one bulk copy, which the CTA waits for only until it is read.
@@ -353,12 +356,11 @@ __global__ void __launch_bounds__(RoundConfig<D, kShape>::kThreads, RoundConfig<
 #pragma unroll
     for (int r = 0; r < R; ++r) {
       const int row = g + 8 * r;
-      const float inv = l_row[r] > 0.f ? 1.f / l_row[r] : 0.f;  // an empty range writes zeros
 #pragma unroll
       for (int n = 0; n < ONT; ++n) {
         const int d = warp * C::kCols + n * 8 + tq * 2;
         *reinterpret_cast<uint32_t*>(stage + row * kStageRow<D> + d) =
-            ptx::pack2<T>(o[n][2 * r] * inv, o[n][2 * r + 1] * inv);
+            ptx::pack2<T>(o[n][2 * r] * inv[r], o[n][2 * r + 1] * inv[r]);
       }
     }
     tma::fence_proxy_async();  // these writes come before the bulk copies' reads
@@ -374,14 +376,12 @@ __global__ void __launch_bounds__(RoundConfig<D, kShape>::kThreads, RoundConfig<
   for (int r = 0; r < R; ++r) {
     const int row = g + 8 * r;
     if (row >= w.nheads) continue;
-    const float l = l_row[r];
-    const float inv = l > 0.f ? 1.f / l : 0.f;  // an empty range writes zeros (and LSE -inf)
     const int h = w.head0 + row;
     const long long bh = static_cast<long long>(w.b) * p.heads + h;
 #pragma unroll
     for (int n = 0; n < ONT; ++n) {
       const int d = warp * C::kCols + n * 8 + tq * 2;
-      const float x = o[n][2 * r] * inv, y = o[n][2 * r + 1] * inv;
+      const float x = o[n][2 * r] * inv[r], y = o[n][2 * r + 1] * inv[r];
       if (direct) {
         T* dst = static_cast<T*>(p.out) + w.b * p.out_stride_b + h * p.out_stride_h + d;
         dst[0] = ptx::from_float<T>(x);
@@ -391,7 +391,7 @@ __global__ void __launch_bounds__(RoundConfig<D, kShape>::kThreads, RoundConfig<
       }
     }
     if (!direct && warp == 0 && tq == 0) {
-      p.lse[bh * p.num_splits + w.split] = natural_lse(m_run[r], l);
+      p.lse[bh * p.num_splits + w.split] = natural_lse(m_run[r], l_row[r]);
     }
   }
 #endif
